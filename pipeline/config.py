@@ -1,0 +1,214 @@
+"""Load and validate ``params.yaml`` before any work.
+
+The schema is data (:data:`SCHEMA`): every key a stage may read, with its type and allowed values. Unknown
+keys are errors too, so a typo such as ``distill.epoch`` cannot silently fall back to a default. Errors name
+the key, the value found and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+METHODS = ("promptkd",)
+DATASET_FORMATS = ("digits",)
+DIGITS_DOMAINS = ("mnist", "usps", "printed", "mnistm")
+KD_REDUCTIONS = ("batchmean", "numel")
+DEVICE_POLICIES = ("auto", "cpu", "cuda")
+PROMPT_INITS = ("word", "random")
+LOCATIONS = ("middle", "append")
+PRECISIONS = ("fp32", "bf16", "fp16")
+FAISS_INDEXES = ("flat_ip",)
+
+
+class ConfigError(ValueError):
+    """A params value is missing, of the wrong type or not allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One leaf of the schema: a check returning an error text (or None), and whether it may be absent."""
+
+    check: Callable[[Any], str | None]
+    optional: bool = False
+
+
+def _int(minimum: int | None = None, optional: bool = False) -> Field:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            return "expected an integer"
+        if minimum is not None and v < minimum:
+            return f"expected an integer >= {minimum}"
+    return Field(check, optional)
+
+
+def _float(minimum: float | None = None, optional: bool = False) -> Field:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return "expected a number"
+        if minimum is not None and v < minimum:
+            return f"expected a number >= {minimum}"
+    return Field(check, optional)
+
+
+def _str(choices: tuple[str, ...] | None = None, optional: bool = False, nullable: bool = False) -> Field:
+    def check(v):
+        if v is None and nullable:
+            return None
+        if not isinstance(v, str) or not v:
+            return "expected a non-empty string" + (f", one of {list(choices)}" if choices else "")
+        if choices is not None and v not in choices:
+            return f"expected one of {list(choices)}"
+    return Field(check, optional)
+
+
+def _bool(optional: bool = False) -> Field:
+    return Field(lambda v: None if isinstance(v, bool) else "expected true or false", optional)
+
+
+def _str_list(choices: tuple[str, ...] | None = None, min_len: int = 1) -> Field:
+    def check(v):
+        if not isinstance(v, list) or len(v) < min_len or not all(isinstance(s, str) and s for s in v):
+            return f"expected a list of at least {min_len} non-empty strings"
+        bad = [s for s in v if choices is not None and s not in choices]
+        if bad:
+            return f"{bad} not allowed; expected items from {list(choices)}"
+        if len(set(v)) != len(v):
+            return "expected no duplicates"
+    return Field(check)
+
+
+class DictOf:
+    """A mapping from user-chosen names (datasets, tasks) to entries of one schema."""
+
+    def __init__(self, schema: dict | Field, min_len: int = 1):
+        self.schema, self.min_len = schema, min_len
+
+
+MODEL = {"name": _str(), "pretrained": _str(optional=True, nullable=True),
+         "precision": _str(PRECISIONS, optional=True)}
+SGD = {"epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0), "momentum": _float(0.0),
+       "weight_decay": _float(0.0)}
+
+SCHEMA: dict[str, Any] = {
+    "seed": _int(0),
+    "paths": {k: _str() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
+                                  "report")},
+    "data": {
+        "shard_maxcount": _int(1),
+        "shuffle_seed": _int(0),
+        "datasets": DictOf({"format": _str(DATASET_FORMATS), "domains": _str_list(),
+                            "per_class": _int(1), "image_size": _int(8)}),
+    },
+    "tasks": DictOf({"dataset": _str(), "source": _str(), "target": _str()}),
+    "model": {"cache_dir": _str(nullable=True), "teacher": MODEL, "student": MODEL},
+    "standins": {"models": DictOf(_str(), min_len=0), "dataset": _str(), "domains": _str_list(),
+                 "templates": _str_list(), "epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0)},
+    "prompts": {**SGD, "template": _str(), "n_ctx": _int(0), "init": _str(PROMPT_INITS)},
+    "features": {"templates": _str_list(), "batch_size": _int(1), "faiss_index": _str(FAISS_INDEXES)},
+    "distill": {**SGD, "method": _str(METHODS), "kd_weight": _float(0.0), "kd_reduction": _str(KD_REDUCTIONS),
+                "temperature": _float(1e-6), "n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(1)},
+    "evaluate": {"batch_size": _int(1)},
+    "runtime": {"device": _str(DEVICE_POLICIES), "num_workers": _int(0), "retries": _int(0),
+                "retry_delay_s": _float(0.0), "deterministic": _bool()},
+}
+
+
+def _validate(value: Any, schema: Any, key: str, errors: list[str]) -> None:
+    if isinstance(schema, Field):
+        problem = schema.check(value)
+        if problem:
+            errors.append(f"{key}: {problem}, got {value!r} ({type(value).__name__})")
+    elif isinstance(schema, DictOf):
+        if not isinstance(value, dict) or len(value) < schema.min_len:
+            errors.append(f"{key}: expected a mapping of at least {schema.min_len} named entries, got {value!r}")
+            return
+        for name, entry in value.items():
+            _validate(entry, schema.schema, f"{key}.{name}", errors)
+    else:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping with keys {sorted(schema)}, got {value!r}")
+            return
+        for extra in sorted(set(value) - set(schema)):
+            errors.append(f"{key + '.' if key else ''}{extra}: unknown key; allowed keys here: {sorted(schema)}")
+        for name, sub in schema.items():
+            full = f"{key}.{name}" if key else name
+            if name not in value:
+                if not (isinstance(sub, Field) and sub.optional):
+                    errors.append(f"{full}: missing")
+                continue
+            _validate(value[name], sub, full, errors)
+
+
+def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
+    datasets = p["data"]["datasets"]
+    for name, ds in datasets.items():
+        if ds["format"] == "digits":
+            bad = [d for d in ds["domains"] if d not in DIGITS_DOMAINS]
+            if bad:
+                errors.append(f"data.datasets.{name}.domains: unknown digits domain(s) {bad}; "
+                              f"allowed: {list(DIGITS_DOMAINS)}")
+    targets = set()
+    for name, task in p["tasks"].items():
+        ds = datasets.get(task["dataset"])
+        if ds is None:
+            errors.append(f"tasks.{name}.dataset: unknown dataset {task['dataset']!r}; allowed: {sorted(datasets)}")
+            continue
+        for side in ("source", "target"):
+            if task[side] not in ds["domains"]:
+                errors.append(f"tasks.{name}.{side}: unknown domain {task[side]!r} of dataset {task['dataset']!r}; "
+                              f"allowed: {ds['domains']}")
+        if task["source"] == task["target"]:
+            errors.append(f"tasks.{name}: source and target are both {task['source']!r}; a UDA task needs two "
+                          f"different domains")
+        targets.add((task["dataset"], task["target"]))
+    st = p["standins"]
+    if st["models"]:
+        ds = datasets.get(st["dataset"])
+        if ds is None:
+            errors.append(f"standins.dataset: unknown dataset {st['dataset']!r}; allowed: {sorted(datasets)}")
+        else:
+            for domain in st["domains"]:
+                if domain not in ds["domains"]:
+                    errors.append(f"standins.domains: {domain!r} is not a domain of {st['dataset']!r}")
+                if (st["dataset"], domain) in targets:
+                    errors.append(f"standins.domains: {domain!r} is the target of a task; stand-ins must be "
+                                  f"pretrained on other domains than the tasks' targets")
+    d = p["distill"]
+    if d["n_tokens"] == 0 and d["depth"] != 1:
+        errors.append("distill.depth: deep prompts need distill.n_tokens > 0")
+
+
+def validate_params(params: Any, *, source: str = "params.yaml") -> dict[str, Any]:
+    """Return ``params`` if valid, else raise :class:`ConfigError` listing every problem found."""
+    errors: list[str] = []
+    _validate(params, SCHEMA, "", errors)
+    if not errors:
+        _cross_checks(params, errors)
+    if errors:
+        raise ConfigError(f"{source} is invalid:\n  " + "\n  ".join(errors))
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read and validate a params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found (run from the project root or pass --params)")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            params = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return validate_params(params, source=str(path))
+
+
+def task_domains(params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """(dataset, domain) pairs each task touches, keyed ``<dataset>/<domain>``."""
+    out = {}
+    for task in params["tasks"].values():
+        for side in ("source", "target"):
+            out[f"{task['dataset']}/{task[side]}"] = (task["dataset"], task[side])
+    return out

@@ -1,0 +1,1 @@
+"""Datasets: canonical class lists and the bundled, offline `digits` cross-domain benchmark."""

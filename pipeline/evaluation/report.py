@@ -1,0 +1,252 @@
+"""Cross-task report: results.json (``dvc metrics``), results.md, CSVs for ``dvc plots`` and PNG figures.
+
+Input is one ``results/evaluate/<task>/metrics.json`` per task::
+
+    {"task", "dataset", "source", "target", "classes", "protocol",
+     "models": {"zeroshot_teacher": {"target": METRICS, "source": METRICS},
+                "source_teacher":   {"target": EPOCH_SUMMARY, "source": EPOCH_SUMMARY},
+                "student":          {"target": EPOCH_SUMMARY}}}
+
+where METRICS comes from ``metrics.classification_metrics`` and EPOCH_SUMMARY from ``metrics.epoch_summary``.
+For EPOCH_SUMMARY models the headline numbers are the LAST epoch; the best epoch is picked with target labels
+(an oracle) and is reported beside it, never instead of it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless stages: never try to open a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from pipeline.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+
+# model -> (splits, whether the split holds an EPOCH_SUMMARY rather than plain METRICS)
+MODELS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "zeroshot_teacher": (("target", "source"), False),
+    "source_teacher": (("target", "source"), True),
+    "student": (("target",), True),
+}
+_METRIC_KEYS = ("acc", "mean_class_acc")
+_EPOCH_KEYS = ("per_epoch", "last", "best", "best_epoch")
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # task names become file names
+
+NOTE = (
+    "Each cell: target-domain accuracy / mean-class accuracy (%, mean over classes with at least one sample).\n\n"
+    "**Student (last)** is the reported model: the final epoch, chosen without target labels. "
+    "**Student (best, oracle)** is the epoch with the highest target accuracy, picked by looking at the "
+    "target labels; it is an upper bound, not an achievable unsupervised result. "
+    "The source-prompted teacher is shown at its last epoch.\n\n"
+    "VisDA-style benchmarks (class-imbalanced targets) headline mean-class accuracy; the other benchmarks "
+    "usually headline overall accuracy."
+)
+
+
+def _r(x: float) -> float:
+    return round(float(x), 2)
+
+
+def _get(task: str, obj: dict[str, Any], path: str) -> Any:
+    """``obj[a][b]...`` for ``path='a.b...'``, or a ValueError naming the task and the missing key."""
+    cur: Any = obj
+    for i, key in enumerate(path.split(".")):
+        if not isinstance(cur, dict) or key not in cur:
+            where = ".".join(path.split(".")[:i]) or "top level"
+            raise ValueError(f"task {task!r}: metrics.json lacks key {path!r} (no {key!r} under {where})")
+        cur = cur[key]
+    return cur
+
+
+def _check(task: str, m: dict[str, Any]) -> None:
+    """Fail before anything is written if ``m`` lacks a key the report reads."""
+    if not _TASK_NAME.match(task):
+        raise ValueError(f"task name {task!r} is not usable as a file name")
+    for key in ("source", "target", "classes"):
+        _get(task, m, key)
+    for model, (splits, epochs) in MODELS.items():
+        for split in splits:
+            base = f"models.{model}.{split}"
+            if epochs:
+                for key in _EPOCH_KEYS:
+                    _get(task, m, f"{base}.{key}")
+                for which in ("last", "best"):
+                    for key in _METRIC_KEYS:
+                        _get(task, m, f"{base}.{which}.{key}")
+            else:
+                for key in _METRIC_KEYS:
+                    _get(task, m, f"{base}.{key}")
+    confusion = _get(task, m, "models.student.target.last.confusion")
+    if len(confusion) != len(m["classes"]):
+        raise ValueError(f"task {task!r}: student confusion is {len(confusion)}x{len(confusion)} "
+                         f"but there are {len(m['classes'])} classes")
+    if not m["models"]["student"]["target"]["per_epoch"]:
+        raise ValueError(f"task {task!r}: models.student.target.per_epoch is empty")
+
+
+def _split_entry(split: dict[str, Any], epochs: bool) -> dict[str, Any]:
+    if not epochs:
+        return {k: _r(split[k]) for k in _METRIC_KEYS}
+    return {"acc": _r(split["last"]["acc"]), "mean_class_acc": _r(split["last"]["mean_class_acc"]),
+            "best_acc": _r(split["best"]["acc"]), "best_mean_class_acc": _r(split["best"]["mean_class_acc"]),
+            "best_epoch": int(split["best_epoch"])}
+
+
+def _results(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    tasks = {task: {model: {split: _split_entry(m["models"][model][split], epochs) for split in splits}
+                    for model, (splits, epochs) in MODELS.items()}
+             for task, m in task_metrics.items()}
+    # Means are taken over the rounded per-task values so the mean row can be re-derived from the table.
+    mean = {}
+    for model, (_, epochs) in MODELS.items():
+        keys = ("acc", "mean_class_acc") + (("best_acc", "best_mean_class_acc") if epochs else ())
+        mean[model] = {"target": {k: _r(np.mean([tasks[t][model]["target"][k] for t in tasks])) for k in keys}}
+    return {"tasks": tasks, "mean": mean}
+
+
+def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any]) -> str:
+    def cell(entry: dict[str, Any], prefix: str = "") -> str:
+        return f"{entry[prefix + 'acc']:.2f} / {entry[prefix + 'mean_class_acc']:.2f}"
+
+    def row(name: str, pair: str, r: dict[str, Any]) -> str:
+        cells = [cell(r["zeroshot_teacher"]["target"]), cell(r["source_teacher"]["target"]),
+                 cell(r["student"]["target"]), cell(r["student"]["target"], "best_")]
+        return "| " + " | ".join([name, pair, *cells]) + " |"
+
+    lines = ["# Target-domain accuracy", "",
+             "| task | source → target | zero-shot teacher | source-prompted teacher | student (last) "
+             "| student (best, oracle) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for task, m in task_metrics.items():
+        lines.append(row(task, f"{m['source']} → {m['target']}", results["tasks"][task]))
+    lines.append(row(f"**mean ({len(task_metrics)} tasks)**", "", results["mean"]))
+    lines += ["", NOTE]
+    best_epochs = ", ".join(f"{t}: {results['tasks'][t]['student']['target']['best_epoch']}" for t in task_metrics)
+    lines += ["", f"Student best (oracle) epoch per task: {best_epochs}."]
+    protocols = sorted({str(m["protocol"]) for m in task_metrics.values() if "protocol" in m})
+    if protocols:
+        lines += ["", "Protocol: " + "; ".join(protocols)]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _accuracy_csv(m: dict[str, Any]) -> str:
+    student = m["models"]["student"]["target"]["per_epoch"]
+    teacher = m["models"]["source_teacher"]["target"]["per_epoch"]
+
+    def at(values: list[float], e: int) -> Any:
+        return _r(values[e]) if e < len(values) else ""  # empty cell: that model ran fewer epochs
+
+    return _csv(["epoch", "student", "teacher"],
+                [[e + 1, at(student, e), at(teacher, e)] for e in range(max(len(student), len(teacher)))])
+
+
+def _confusion_csv(m: dict[str, Any]) -> str:
+    # DVC's confusion template counts rows, so each target sample becomes one (actual, predicted) row.
+    classes = m["classes"]
+    confusion = m["models"]["student"]["target"]["last"]["confusion"]
+    rows = [[classes[a], classes[p]]
+            for a, counts in enumerate(confusion) for p, count in enumerate(counts) for _ in range(int(count))]
+    return _csv(["actual", "predicted"], rows)
+
+
+def _png(fig: plt.Figure) -> bytes:
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _accuracy_png(task_metrics: dict[str, dict[str, Any]]) -> bytes:
+    n = len(task_metrics)
+    ncols = min(n, 3)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.6 * nrows), squeeze=False)
+    for ax, (task, m) in zip(axes.flat, task_metrics.items()):
+        models = m["models"]
+        for name, label, style in (("student", "student", "o-"), ("source_teacher", "source-prompted teacher", "s-")):
+            accs = models[name]["target"]["per_epoch"]
+            ax.plot(range(1, len(accs) + 1), accs, style, markersize=3, label=label)
+        ax.axhline(models["zeroshot_teacher"]["target"]["acc"], color="grey", linestyle="--",
+                   label="zero-shot teacher")
+        ax.set_title(f"{task} ({m['source']} → {m['target']})", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("target accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _confusion_png(task: str, m: dict[str, Any]) -> bytes:
+    classes = m["classes"]
+    last = m["models"]["student"]["target"]["last"]
+    counts = np.asarray(last["confusion"], dtype=np.int64)
+    k = len(classes)
+    support = counts.sum(axis=1, keepdims=True)
+    # Row-normalised colour so rare classes are as visible as common ones; empty rows stay at 0.
+    norm = np.divide(counts, support, out=np.zeros(counts.shape, dtype=float), where=support > 0)
+    side = max(4.5, 0.5 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 30:  # beyond that the digits overlap; colour alone still shows the structure
+        fontsize = 9 if k <= 12 else 6
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fontsize,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{task}: student, last epoch\nacc {last['acc']:.2f}% / mean-class {last['mean_class_acc']:.2f}%",
+                 fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def build_report(task_metrics: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
+    """Write the report for ``task_metrics`` (task name -> loaded metrics.json) into ``out_dir``.
+
+    Returns the dict written to ``results.json``. Tasks appear in sorted order so reruns give identical files.
+    """
+    if not task_metrics:
+        raise ValueError("build_report needs at least one task")
+    task_metrics = {t: task_metrics[t] for t in sorted(task_metrics)}
+    for task, m in task_metrics.items():
+        _check(task, m)
+    results = _results(task_metrics)
+    out_dir = Path(out_dir)
+
+    # plots/ belongs to the report alone: replacing it as a whole drops CSVs of tasks no longer evaluated.
+    with atomic_dir(out_dir / "plots") as plots:
+        for task, m in task_metrics.items():
+            atomic_write_text(plots / "accuracy" / f"{task}.csv", _accuracy_csv(m))
+            atomic_write_text(plots / "confusion" / f"{task}.csv", _confusion_csv(m))
+    with atomic_dir(out_dir / "figures") as figures:  # PNGs for people (and `dvc plots` as images)
+        atomic_write_bytes(figures / "accuracy_per_epoch.png", _accuracy_png(task_metrics))
+        for task, m in task_metrics.items():
+            atomic_write_bytes(figures / f"confusion_{task}.png", _confusion_png(task, m))
+    atomic_write_text(out_dir / "results.md", _markdown(task_metrics, results))
+    # Written last: a results.json on disk means the rest of the report is complete.
+    atomic_write_json(out_dir / "results.json", results)
+    return results

@@ -1,0 +1,1 @@
+"""Cached text class vectors, teacher image features and faiss indexes."""

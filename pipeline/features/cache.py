@@ -1,0 +1,134 @@
+"""Text class vectors, teacher image features and a faiss index over them.
+
+Image features are L2-normalised, so cosine similarity is the inner product and the index is ``IndexFlatIP``.
+faiss runs on the GPU only when the installed build has GPU support and a GPU was assigned to the item.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from pipeline.data.shards import image_loader
+from pipeline.io import read_json
+from pipeline.models.factory import LoadedModel, autocast
+from pipeline.models.prompted import PromptedTextEncoder
+
+
+def domain_dir(features_root: str | Path, dataset: str, domain: str) -> Path:
+    """Where a domain's teacher features live: ``features.npy``, ``keys.json``, ``index.faiss``."""
+    return Path(features_root) / "domains" / dataset / domain
+
+
+def task_dir(features_root: str | Path, task: str) -> Path:
+    """Where a task's class vectors, target logits and teacher predictions live."""
+    return Path(features_root) / "tasks" / task
+
+
+def domain_keys(features_root: str | Path, dataset: str, domain: str) -> list[str]:
+    """Sample keys in the row order of a domain's cached features."""
+    return read_json(domain_dir(features_root, dataset, domain) / "keys.json")
+
+
+@torch.no_grad()
+def encode_images(model: LoadedModel, shard_dir: str | Path, *, batch_size: int, device: str,
+                  num_workers: int = 0, desc: str = "features") -> tuple[list[str], np.ndarray]:
+    """Keys (shard order) and L2-normalised image features [N, D] of every image in ``shard_dir``.
+
+    No labels are read: the loader is built with ``with_labels=False``.
+    """
+    model.model.to(device)
+    keys: list[str] = []
+    chunks = []
+    loader = image_loader(shard_dir, transform=model.preprocess, batch_size=batch_size, shuffle=False,
+                          with_labels=False, num_workers=num_workers)
+    for batch_keys, images in tqdm(loader, desc=desc, unit="batch", leave=False):
+        with autocast(model.spec.precision, device):
+            feats = model.model.encode_image(images.to(device))
+        chunks.append(F.normalize(feats.float(), dim=-1).cpu())
+        keys.extend(batch_keys)
+    return keys, torch.cat(chunks).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def zero_shot_vectors(model: LoadedModel, classnames: list[str], templates: list[str], *,
+                      device: str) -> np.ndarray:
+    """Template-ensemble class vectors [C, D]: mean of normalised prompt embeddings, re-normalised."""
+    model.model.to(device)
+    vectors = []
+    for name in classnames:
+        tokens = model.tokenizer([t.format(name) for t in templates]).to(device)
+        with autocast(model.spec.precision, device):
+            emb = F.normalize(model.model.encode_text(tokens).float(), dim=-1)
+        vectors.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(vectors).cpu().numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def prompted_vectors(model: LoadedModel, classnames: list[str], *, template: str, contexts: torch.Tensor,
+                     device: str) -> np.ndarray:
+    """Class vectors [E, C, D] of the learned text context, for each of the E saved contexts (epochs)."""
+    model.model.to(device)
+    encoder = PromptedTextEncoder(model.model, model.tokenizer, classnames, template=template,
+                                  n_ctx=contexts.shape[1]).to(device)
+    out = []
+    for ctx in contexts:
+        encoder.ctx.copy_(ctx.to(device))
+        with autocast(model.spec.precision, device):
+            out.append(encoder().float().cpu())
+    return torch.stack(out).numpy().astype(np.float32)
+
+
+def logits(features: np.ndarray, class_vectors: np.ndarray, logit_scale: float) -> np.ndarray:
+    """CLIP logits s * f @ W^T (both sides L2-normalised)."""
+    return (logit_scale * features @ class_vectors.T).astype(np.float32)
+
+
+def _faiss():
+    import faiss  # imported lazily: faiss-cpu or faiss-gpu, whichever extra is installed
+
+    return faiss
+
+
+def faiss_uses_gpu(device: str) -> bool:
+    faiss = _faiss()
+    return (device.startswith("cuda") and hasattr(faiss, "StandardGpuResources")
+            and faiss.get_num_gpus() > 0)
+
+
+def build_index(features: np.ndarray, *, index_type: str = "flat_ip", device: str = "cpu") -> tuple[Any, dict]:
+    """A faiss inner-product index over ``features``, on the assigned GPU when possible; and its metadata."""
+    if index_type != "flat_ip":
+        raise ValueError(f"features.faiss_index {index_type!r} is not supported; use 'flat_ip'")
+    faiss = _faiss()
+    index = faiss.IndexFlatIP(features.shape[1])
+    on_gpu = faiss_uses_gpu(device)
+    if on_gpu:
+        gpu_id = int(device.split(":")[1]) if ":" in device else 0
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu_id, index)
+    index.add(np.ascontiguousarray(features, dtype=np.float32))
+    meta = {"index_type": "IndexFlatIP", "metric": "inner_product (cosine on L2-normalised features)",
+            "dim": int(features.shape[1]), "ntotal": int(index.ntotal), "built_on": "gpu" if on_gpu else "cpu",
+            "faiss_version": faiss.__version__}
+    return index, meta
+
+
+def save_index(index: Any, path: str | Path) -> Path:
+    """Write the index (moved to CPU first) via a temporary name and an atomic rename."""
+    faiss = _faiss()
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def load_index(path: str | Path) -> Any:
+    return _faiss().read_index(str(path))

@@ -1,0 +1,136 @@
+"""Atomic writes and run records shared by every stage.
+
+Every output is written under a temporary name next to its destination and renamed into place, so an
+interrupted stage never leaves a half-written file or folder behind and a previous good output survives
+until the new one is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def _tmp_sibling(path: Path, *, is_dir: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp-"
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary sibling and an atomic rename."""
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir=False)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays and paths so ``json.dumps`` accepts them."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir=False)
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``path`` as a whole, on error it is removed.
+
+    The old content of ``path`` (if any) is kept until the new folder is complete.
+    """
+    path = Path(path)
+    tmp = _tmp_sibling(path, is_dir=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def environment_info() -> dict[str, Any]:
+    """Python, platform and key package versions, recorded beside every stage output."""
+    import importlib.metadata as md
+
+    packages = {}
+    for name in ("torch", "torchvision", "open_clip_torch", "dvc", "prefect", "webdataset", "numpy",
+                 "faiss-cpu", "faiss-gpu"):
+        try:
+            packages[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": packages}
+
+
+def write_run_info(out_dir: str | os.PathLike, *, stage: str, params: dict[str, Any]) -> Path:
+    """Write ``run_info.json``: the resolved params the stage read plus environment and versions."""
+    return atomic_write_json(Path(out_dir) / "run_info.json",
+                             {"stage": stage, "params": params, "environment": environment_info()})
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` through a temporary sibling and an atomic rename."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())

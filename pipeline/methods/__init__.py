@@ -1,0 +1,1 @@
+"""Training methods: source prompt pretraining of the teacher and student distillation."""

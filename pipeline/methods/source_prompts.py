@@ -1,0 +1,83 @@
+"""Source prompt pretraining of the teacher: CoOp-style learnable text context on a frozen CLIP.
+
+The image encoder is frozen and images get the model's deterministic eval transform, so the source image
+features are computed once and every epoch only runs the text tower over the C class prompts (the cost
+that CoOp#12 reports running out of memory on is the text encoder, not the images).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from pipeline.data.shards import image_loader
+from pipeline.methods.common import check_finite, seed_everything, sgd_with_cosine
+from pipeline.models.factory import LoadedModel, autocast
+from pipeline.models.prompted import PromptedTextEncoder
+
+
+@torch.no_grad()
+def _labelled_features(model: LoadedModel, shard_dir: Path, *, batch_size: int, device: str,
+                       num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    feats, labels = [], []
+    loader = image_loader(shard_dir, transform=model.preprocess, batch_size=batch_size, shuffle=False,
+                          with_labels=True, num_workers=num_workers)
+    for _, images, y in tqdm(loader, desc="source features", unit="batch", leave=False):
+        with autocast(model.spec.precision, device):
+            f = model.model.encode_image(images.to(device))
+        feats.append(F.normalize(f.float(), dim=-1))
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_dir: str | Path, template: str,
+                         n_ctx: int, init: str, epochs: int, batch_size: int, lr: float, momentum: float,
+                         weight_decay: float, seed: int, device: str, num_workers: int = 0,
+                         deterministic: bool = True) -> dict[str, Any]:
+    """Learn the teacher's text context on labelled source shards with cross-entropy.
+
+    Returns ``{"contexts": [E, n_ctx, width] tensor (one per epoch, last = reported), "log": [...]}``.
+    """
+    seed_everything(seed, deterministic=deterministic)
+    teacher.model.to(device)
+    feats, labels = _labelled_features(teacher, Path(shard_dir), batch_size=batch_size, device=device,
+                                       num_workers=num_workers)
+    prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template, n_ctx=n_ctx,
+                                 init=init).to(device)
+    scale = teacher.logit_scale
+    optimizer, scheduler = sgd_with_cosine([prompt.ctx], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                           epochs=epochs)
+    generator = torch.Generator().manual_seed(seed)
+    contexts, log = [], []
+    for epoch in tqdm(range(1, epochs + 1), desc="prompt epochs", unit="epoch"):
+        start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
+        order = torch.randperm(len(labels), generator=generator).to(device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            with autocast(teacher.spec.precision, device):
+                logits = scale * feats[idx] @ prompt().t()
+            loss = F.cross_entropy(logits.float(), labels[idx])
+            check_finite(loss, where=f"prompts epoch {epoch}", checkpoint=None)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += (logits.argmax(1) == labels[idx]).sum().item()
+            seen += len(idx)
+        scheduler.step()
+        contexts.append(prompt.ctx.detach().cpu().clone())
+        log.append({"epoch": epoch, "loss": total / seen, "source_train_acc": 100.0 * correct / seen,
+                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start})
+    return {"contexts": torch.stack(contexts), "log": log, "n_source": int(len(labels)),
+            "logit_scale": scale}
+
+
+def zero_shot_context(teacher: LoadedModel, classnames: list[str], *, template: str, n_ctx: int) -> np.ndarray:
+    """The context a 'word'-initialised prompt starts from: the template's own word embeddings."""
+    prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template, n_ctx=n_ctx)
+    return prompt.ctx.detach().cpu().numpy()

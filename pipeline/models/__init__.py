@@ -1,0 +1,1 @@
+"""Models: loading open_clip models by spec, prompt injection, and the tiny digits stand-in VLMs."""

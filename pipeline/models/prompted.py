@@ -1,0 +1,137 @@
+"""Learnable prompts injected into a frozen open_clip ViT, without copying its transformer.
+
+* :class:`PromptedTextEncoder`: CoOp-style context. The prompt of class ``c`` is ``template.format(c)``; the
+  first ``n_ctx`` tokens after the start token become learnable vectors, initialised from their word
+  embeddings (``init="word"``) or N(0, 0.02) (``init="random"``, the CDU/EKDA overwrite).
+* :class:`PromptedVisionEncoder`: ``n_tokens`` visual prompt tokens added after the positional embedding and
+  before ``ln_pre``, inserted after the class token (``location="middle"``, VPT/EKDA) or after the patches
+  (``"append"``, IVLP/PromptKD); with ``depth > 1`` the prompt tokens are replaced by fresh learnable ones at
+  the input of layers 2..depth (deep prompts).
+* :class:`Projector`: the two-layer map from the student's embedding width to the teacher's.
+
+With zero prompts both encoders reproduce the plain open_clip outputs exactly (tested).
+"""
+from __future__ import annotations
+
+import torch
+from open_clip.transformer import text_global_pool
+from torch import nn
+from torch.nn import functional as F
+
+PROMPT_INITS = ("word", "random")
+LOCATIONS = ("middle", "append")
+
+
+class PromptedTextEncoder(nn.Module):
+    """Class text vectors of a frozen open_clip text tower with a learnable shared context."""
+
+    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], *, template: str, n_ctx: int,
+                 init: str = "word", init_std: float = 0.02):
+        super().__init__()
+        if init not in PROMPT_INITS:
+            raise ValueError(f"prompt init {init!r} is not one of {PROMPT_INITS}")
+        if "{}" not in template:
+            raise ValueError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
+        self.clip = clip
+        tokens = tokenizer([template.format(name) for name in classnames])
+        prefix_len = len(tokenizer.encode(template.split("{}")[0])) if hasattr(tokenizer, "encode") else n_ctx
+        if n_ctx > prefix_len:
+            raise ValueError(f"n_ctx={n_ctx} but the template {template!r} has only {prefix_len} tokens before the "
+                             f"class name; lengthen the template (e.g. 'X X X X {{}}.') or lower n_ctx")
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.n_ctx = n_ctx
+        with torch.no_grad():
+            words = clip.token_embedding(tokens[:1, 1:1 + n_ctx])[0].float()
+        ctx = words.clone() if init == "word" else torch.randn_like(words) * init_std
+        self.ctx = nn.Parameter(ctx)
+
+    def forward(self) -> torch.Tensor:
+        """L2-normalised class text vectors, shape [C, embed_dim]."""
+        clip = self.clip
+        cast_dtype = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(self.tokens).to(cast_dtype)
+        if self.n_ctx:
+            ctx = self.ctx.to(cast_dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
+        x = x + clip.positional_embedding.to(cast_dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = text_global_pool(x, self.tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+        return F.normalize(x.float(), dim=-1)
+
+
+class PromptedVisionEncoder(nn.Module):
+    """An open_clip ``VisionTransformer`` with (deep) visual prompt tokens."""
+
+    def __init__(self, visual: nn.Module, *, n_tokens: int, location: str = "append", depth: int = 1,
+                 init_std: float = 0.02):
+        super().__init__()
+        if location not in LOCATIONS:
+            raise ValueError(f"visual prompt location {location!r} is not one of {LOCATIONS}")
+        n_layers = len(visual.transformer.resblocks)
+        if not 1 <= depth <= n_layers:
+            raise ValueError(f"visual prompt depth {depth} must be between 1 and the model's {n_layers} layers")
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise ValueError("visual prompts need a class-token ViT (pool_type 'tok', no attention pooling)")
+        self.visual = visual
+        self.n_tokens, self.location, self.depth = n_tokens, location, depth
+        width = visual.conv1.out_channels
+        self.prompts = nn.Parameter(torch.randn(depth, n_tokens, width) * init_std)
+
+    def _prompt_slice(self, seq_len: int) -> slice:
+        n = self.n_tokens
+        return slice(1, 1 + n) if self.location == "middle" else slice(seq_len - n, seq_len)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (not normalised), shape [B, embed_dim]."""
+        v = self.visual
+        x = v.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)
+        if self.n_tokens:
+            p = self.prompts[0].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], p, x[:, 1:]] if self.location == "middle" else [x, p], dim=1)
+        x = v.ln_pre(x)
+        where = self._prompt_slice(x.shape[1])
+        batch_first = getattr(v.transformer, "batch_first", True)
+        for i, block in enumerate(v.transformer.resblocks):
+            if self.n_tokens and 0 < i < self.depth:
+                p = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+                x = torch.cat([x[:, :where.start], p, x[:, where.stop:]], dim=1)
+            x = block(x if batch_first else x.transpose(0, 1), attn_mask=None)
+            x = x if batch_first else x.transpose(0, 1)
+        pooled, _ = v._pool(x)
+        return pooled @ v.proj if v.proj is not None else pooled
+
+
+class Projector(nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Linear (the 1x1-conv projector of PromptKD/EKDA, 512 -> 768 for B/16)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(out_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PromptedStudent(nn.Module):
+    """Student image encoder with visual prompts and a projector into the teacher's embedding space."""
+
+    def __init__(self, visual: nn.Module, *, teacher_dim: int, n_tokens: int, location: str, depth: int):
+        super().__init__()
+        self.encoder = PromptedVisionEncoder(visual, n_tokens=n_tokens, location=location, depth=depth)
+        student_dim = visual.proj.shape[1] if visual.proj is not None else visual.conv1.out_channels
+        self.projector = Projector(student_dim, teacher_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised features in the teacher's space, shape [B, teacher_dim]."""
+        return F.normalize(self.projector(self.encoder(images).float()), dim=-1)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only what training changes (prompts, projector incl. BN statistics): small checkpoints."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.visual.")}

@@ -1,0 +1,142 @@
+"""Run a stage's work items as one Prefect flow: a task per item, a device per task, retries for
+transient failures only.
+
+No Prefect result caching: DVC's lock and run-cache already decide what re-runs, and two caches
+would disagree (ecosystem.md §4.4). Prefect runs ephemerally unless ``PREFECT_API_URL`` is set.
+"""
+from __future__ import annotations
+
+import errno
+from typing import Any, Callable
+
+import pipeline  # noqa: F401  (environment defaults and the torchvision guard before torch)
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.types.names import BANNED_CHARACTERS
+
+from pipeline.orchestration.devices import DeviceSlots, visible_devices
+
+# Errnos that say "try again later" rather than "this will never work". ENOSPC is left out on
+# purpose: a full disk stays full, and retrying only burns time before the same failure.
+TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET})
+
+
+class TransientError(RuntimeError):
+    """Raise (or ``raise TransientError(...) from exc``) for a failure worth retrying."""
+
+
+class StageError(RuntimeError):
+    """One or more items of a stage failed for good; `failures` maps item name to its exception."""
+
+    def __init__(self, stage: str, failures: dict[str, BaseException]):
+        self.stage = stage
+        self.failures = failures
+        details = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures.items())
+        super().__init__(f"stage {stage!r}: {len(failures)} item(s) failed: {details}")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures a retry can fix (OOM, timeouts, dropped connections, busy resources)."""
+    if isinstance(exc, (TransientError, torch.cuda.OutOfMemoryError, TimeoutError, ConnectionError)):
+        return True
+    # Python maps some errnos to subclasses (ETIMEDOUT -> TimeoutError, EAGAIN -> BlockingIOError);
+    # the errno test catches the rest, e.g. EBUSY, whatever class carries it.
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def _retry_if_transient(task_, task_run, state) -> bool:
+    # Prefect calls this as fn(task, task_run, state) and only if it is a plain function
+    # (inspect.isfunction): a partial or callable object silently means "never retry".
+    # The raised exception arrives wrapped as Failed(data=exc).
+    exc = state.data
+    retry = isinstance(exc, BaseException) and is_transient(exc)
+    if not retry:
+        get_run_logger().info("%s: not retrying deterministic failure %r", task_run.name, exc)
+    return retry
+
+
+def _run_name(*parts: str) -> Callable[[], str]:
+    # Prefect rejects some characters in names, and `.format()`s string names with the run's
+    # parameters (so a "{" in a label would break); a callable returning the final name avoids both.
+    name = "-".join(p for p in parts if p)
+    for char in BANNED_CHARACTERS:
+        name = name.replace(char, "_")
+    return lambda: name
+
+
+def _ui_url() -> str | None:
+    # runtime.flow_run.ui_url formats PREFECT_UI_URL blindly: "None/flow-runs/..." without a UI.
+    return flow_run.ui_url if PREFECT_UI_URL.value() else None
+
+
+def run_items(
+    stage: str,
+    items: dict[str, Any],
+    work: Callable[[str, Any, str], Any],
+    *,
+    devices: list[str] | None = None,
+    retries: int = 2,
+    retry_delay_s: float = 5.0,
+    run_label: str = "",
+) -> dict[str, Any]:
+    """Run ``work(item_name, item, device)`` for every item in a Prefect flow named `stage`.
+
+    Items run concurrently, at most one per device. Transient failures (`is_transient`) are retried
+    `retries` times, `retry_delay_s` apart; anything else fails at once. If any item fails for good,
+    raises `StageError` naming the stage, the items and their errors. Returns {item_name: result}.
+    """
+    devices = list(devices) if devices is not None else visible_devices("auto")
+    slots = DeviceSlots(devices)
+    if not items:
+        return {}  # nothing to do: don't pay for a (possibly ephemeral) Prefect server start
+
+    def run_item(item_name: str) -> Any:
+        logger = get_run_logger()
+        # The slot is taken per attempt, so an item waiting out a retry delay holds no device.
+        with slots.acquire() as device:
+            logger.info("stage %s: item %s on %s", stage, item_name, device)
+            return work(item_name, items[item_name], device)
+
+    # Items stay in this closure, never in Prefect parameters: they need not be JSON-serialisable.
+    item_task = task(
+        run_item,
+        name=stage,
+        retries=retries,
+        retry_delay_seconds=retry_delay_s,
+        retry_condition_fn=_retry_if_transient,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
+
+    @flow(
+        name=stage,
+        flow_run_name=_run_name(stage, run_label),
+        task_runner=ThreadPoolTaskRunner(max_workers=len(devices)),
+        persist_result=False,
+    )
+    def stage_flow() -> dict[str, Any]:
+        logger = get_run_logger()
+        logger.info("stage %s: %d item(s) on %s; UI: %s",
+                    stage, len(items), devices, _ui_url() or "none (ephemeral)")
+        futures = {
+            name: item_task.with_options(task_run_name=_run_name(stage, name)).submit(name) for name in items
+        }
+        wait(list(futures.values()))
+        results: dict[str, Any] = {}
+        failures: dict[str, BaseException] = {}
+        for name, future in futures.items():
+            try:
+                results[name] = future.result()
+            except Exception as exc:  # collect every failure, so one report names them all
+                failures[name] = exc
+        if failures:
+            raise StageError(stage, failures) from next(iter(failures.values()))
+        logger.info("stage %s: %d item(s) done", stage, len(results))
+        return results
+
+    return stage_flow()

@@ -1,0 +1,1 @@
+"""One thin entry module per DVC stage: ``python -m stages.<name> [--params params.yaml]``."""

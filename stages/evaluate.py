@@ -1,0 +1,62 @@
+"""Stage ``evaluate``: score the zero-shot teacher, the source-prompted teacher and the student per task.
+
+This is the only stage that reads target labels. Predictions made upstream are joined to the labels by
+sample key. For models with epochs, the last epoch is the reported model; the best epoch is reported
+separately and labelled as selected on target labels (oracle).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.shards import read_labels
+from pipeline.evaluation.metrics import classification_metrics, epoch_summary
+from pipeline.features.cache import domain_keys, task_dir
+from pipeline.io import atomic_dir, atomic_write_json, read_json, write_run_info
+from pipeline.orchestration.stage import run_stage_items, select, shard_dir, start, task_label
+
+STAGE = "evaluate"
+PROTOCOL = "transductive UDA: the student trains on all (unlabelled) target images and is tested on them"
+
+
+def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) -> np.ndarray:
+    """Target labels aligned with ``keys`` (the row order of upstream predictions)."""
+    shard_keys, labels = read_labels(shard_dir(params, dataset, domain))
+    by_key = dict(zip(shard_keys, labels.tolist()))
+    missing = [k for k in keys if k not in by_key]
+    if missing or len(keys) != len(by_key):
+        raise ValueError(f"predictions for {dataset}/{domain} do not match its shards ({len(keys)} predicted, "
+                         f"{len(by_key)} in shards, e.g. missing {missing[:3]}); re-run the pipeline")
+    return np.array([by_key[k] for k in keys])
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = start(STAGE, argv, __doc__)
+    features, distilled = Path(params["paths"]["features"]), Path(params["paths"]["distill"])
+    with atomic_dir(params["paths"]["evaluate"]) as tmp:
+        def work(name, task, _device):
+            cached = task_dir(features, name)
+            classes = read_json(cached / "meta.json")["classes"]
+            models: dict = {"zeroshot_teacher": {}, "source_teacher": {}}
+            for side in ("source", "target"):
+                keys = domain_keys(features, task["dataset"], task[side])
+                y = labels_in_order(params, task["dataset"], task[side], keys)
+                models["zeroshot_teacher"][side] = classification_metrics(
+                    y, np.load(cached / f"zeroshot_preds_{side}.npy"), len(classes))
+                models["source_teacher"][side] = epoch_summary(
+                    y, np.load(cached / f"teacher_preds_{side}.npy"), len(classes))
+            student_keys = read_json(distilled / name / "keys.json")
+            y = labels_in_order(params, task["dataset"], task["target"], student_keys)
+            models["student"] = {"target": epoch_summary(y, np.load(distilled / name / "predictions.npy"),
+                                                         len(classes))}
+            result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "models": models}
+            atomic_write_json(tmp / name / "metrics.json", result)
+            return models["student"]["target"]["last"]["acc"]
+
+        run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params), on_gpu=False)
+        write_run_info(tmp, stage=STAGE, params=select(params, "tasks"))
+
+
+if __name__ == "__main__":
+    main()

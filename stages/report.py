@@ -1,0 +1,27 @@
+"""Stage ``report``: one results table (JSON for ``dvc metrics``, Markdown) and the plots."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.evaluation.report import build_report
+from pipeline.io import atomic_dir, read_json, write_run_info
+from pipeline.orchestration.stage import run_stage_items, select, start, task_label
+
+STAGE = "report"
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = start(STAGE, argv, __doc__)
+    evaluated, out = Path(params["paths"]["evaluate"]), Path(params["paths"]["report"])
+
+    with atomic_dir(out) as tmp:
+        def work(_name, _item, _device):
+            metrics = {task: read_json(evaluated / task / "metrics.json") for task in params["tasks"]}
+            return build_report(metrics, tmp)
+
+        run_stage_items(STAGE, params, {"report": None}, work, label=task_label(params), on_gpu=False)
+        write_run_info(tmp, stage=STAGE, params=select(params, "tasks"))
+
+
+if __name__ == "__main__":
+    main()

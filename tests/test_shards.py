@@ -1,0 +1,227 @@
+"""Shards of image-folder domains: determinism, content, errors, and the loaders that read them."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline  # noqa: F401  (torchvision guard first)
+import torch
+from PIL import Image
+
+from pipeline.data import shards
+from pipeline.data.shards import (folder_dataset, image_loader, read_labels, read_manifest,
+                                  write_domain_shards)
+
+CLASSES = ["zebra", "apple", "mango"]  # deliberately not sorted: labels follow this list
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1) / 255
+
+
+def _make_tree(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for classname, n in per_class.items():
+        (root / classname).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            pixels = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / classname / f"img_{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return _make_tree(tmp_path / "images", {"zebra": 5, "apple": 4, "mango": 3})
+
+
+def _write(tree: Path, out: Path, **kw) -> dict:
+    args = dict(dataset="toy", domain="d1", classes=CLASSES, maxcount=5, seed=0)
+    args.update(kw)
+    return write_domain_shards(tree, out, **args)
+
+
+def _all_batches(loader) -> list[tuple]:
+    return list(loader)
+
+
+def test_rerun_is_byte_identical(tree, tmp_path):
+    m1 = _write(tree, tmp_path / "a")
+    m2 = _write(tree, tmp_path / "b")
+    assert m1 == m2
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    # Re-running into the same folder replaces it with identical content.
+    before = {n: (tmp_path / "a" / n).read_bytes() for n in names}
+    _write(tree, tmp_path / "a")
+    assert {n: (tmp_path / "a" / n).read_bytes() for n in names} == before
+
+
+def test_seed_changes_order_not_content(tree, tmp_path):
+    m0 = _write(tree, tmp_path / "s0", seed=0)
+    m1 = _write(tree, tmp_path / "s1", seed=1)
+    assert m0["keys"] != m1["keys"]
+    assert sorted(m0["keys"]) == sorted(m1["keys"])
+
+
+def test_sample_content(tmp_path):
+    tree = _make_tree(tmp_path / "images", {"zebra": 1, "apple": 1, "mango": 1})
+    # A stem with dots, and a PNG that must be stored as-is under the `jpg` extension.
+    Image.new("RGB", (5, 5), (1, 2, 3)).save(tree / "apple" / "v1.2.final.png")
+    m = _write(tree, tmp_path / "out", dataset="toy", domain="d1")
+    assert m["classes"] == CLASSES
+    assert "apple/v1_2_final" in m["keys"]
+
+    members = {}
+    for shard in m["shards"]:
+        with tarfile.open(tmp_path / "out" / shard) as tar:
+            for info in tar:
+                assert info.mtime == 0 and info.uname == shards.TAR_USER
+                members[info.name] = tar.extractfile(info).read()
+    assert len(members) == 3 * m["n"]
+
+    key = "apple/v1_2_final"
+    assert members[f"{key}.jpg"] == (tree / "apple" / "v1.2.final.png").read_bytes()
+    assert members[f"{key}.cls"] == b"1"  # index in CLASSES, not in sorted order
+    assert json.loads(members[f"{key}.json"]) == {
+        "path": "apple/v1.2.final.png", "dataset": "toy", "domain": "d1", "classname": "apple"}
+    assert members["zebra/img_000.cls"] == b"0"
+    assert members["zebra/img_000.jpg"] == (tree / "zebra" / "img_000.jpg").read_bytes()
+
+
+def test_counts_sizes_and_maxcount(tmp_path):
+    tree = _make_tree(tmp_path / "images", {"zebra": 7, "apple": 5})  # no mango folder
+    with pytest.raises(ValueError, match="mango"):
+        _write(tree, tmp_path / "out")
+    m = _write(tree, tmp_path / "out", maxcount=4, split="train", allow_missing_classes=True)
+    assert m["counts"] == {"zebra": 7, "apple": 5, "mango": 0}
+    assert m["n"] == 12 and m["split"] == "train"
+    assert m["shards"] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert sizes == {s: 4 for s in m["shards"]}
+    assert read_manifest(tmp_path / "out") == m
+    # The seeded shuffle mixes classes: the first shard is not a single-class run.
+    assert all(len({k.split("/")[0] for k in m["keys"][i:i + 4]}) > 1 for i in (0, 4, 8))
+
+
+def test_unknown_class_folder_names_it(tree, tmp_path):
+    (tree / "kiwi").mkdir()
+    with pytest.raises(ValueError, match="kiwi") as err:
+        _write(tree, tmp_path / "out")
+    assert "zebra" in str(err.value)  # the expected names are listed too
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_manifest_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shard stage"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_eval_loader_order_labels_and_partial_batch(tree, tmp_path):
+    m = _write(tree, tmp_path / "out")
+    loader = image_loader(tmp_path / "out", transform=_to_tensor, batch_size=5, shuffle=False,
+                          with_labels=True)
+    batches = _all_batches(loader)
+    assert [len(b[0]) for b in batches] == [5, 5, 2] and len(loader) == 3
+    keys = [k for b in batches for k in b[0]]
+    labels = torch.cat([b[2] for b in batches])
+    assert keys == m["keys"]
+    assert batches[0][1].shape == (5, 3, 8, 8) and batches[0][1].dtype == torch.float32
+    assert labels.dtype == torch.long
+
+    rkeys, rlabels = read_labels(tmp_path / "out")
+    assert rkeys == keys and rlabels.tolist() == labels.tolist()
+    assert [CLASSES[lab] for lab in rlabels] == [k.split("/")[0] for k in rkeys]
+
+
+def _corrupt_cls(shard_dir: Path) -> None:
+    """Rewrite every shard with garbage ``.cls`` bytes."""
+    for tar_path in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            entries = [(info, tar.extractfile(info).read()) for info in tar]
+        with tarfile.open(tar_path, "w") as tar:
+            for info, data in entries:
+                if info.name.endswith(".cls"):
+                    data = b"\xff not a label \x00"
+                    info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_unlabelled_loader_never_reads_labels(tree, tmp_path):
+    m = _write(tree, tmp_path / "out")
+    _corrupt_cls(tmp_path / "out")
+    with pytest.raises(ValueError, match="invalid literal"):  # the labelled loader does read them
+        _all_batches(image_loader(tmp_path / "out", transform=_to_tensor, batch_size=4, shuffle=False,
+                                  with_labels=True))
+    for shuffle in (False, True):
+        batches = _all_batches(image_loader(tmp_path / "out", transform=_to_tensor, batch_size=4,
+                                            shuffle=shuffle, with_labels=False))
+        assert all(len(b) == 2 for b in batches)
+        assert sorted(k for b in batches for k in b[0]) == sorted(m["keys"])
+
+
+def _shuffled_keys(shard_dir, *, seed, epoch, num_workers=0) -> list[str]:
+    loader = image_loader(shard_dir, transform=_to_tensor, batch_size=3, shuffle=True, seed=seed,
+                          epoch=epoch, with_labels=False, num_workers=num_workers)
+    batches = _all_batches(loader)
+    assert len(batches) == len(loader)
+    return [k for b in batches for k in b[0]]
+
+
+def test_shuffle_deterministic_per_seed_and_epoch(tmp_path):
+    tree = _make_tree(tmp_path / "images", {"zebra": 12, "apple": 12, "mango": 12})
+    m = _write(tree, tmp_path / "out", maxcount=6)
+    a = _shuffled_keys(tmp_path / "out", seed=3, epoch=0)
+    assert a == _shuffled_keys(tmp_path / "out", seed=3, epoch=0)
+    assert sorted(a) == sorted(m["keys"]) and a != m["keys"]
+    b = _shuffled_keys(tmp_path / "out", seed=3, epoch=1)
+    assert sorted(b) == sorted(a) and b != a
+    assert _shuffled_keys(tmp_path / "out", seed=4, epoch=0) != a
+    # Workers split shards, they do not duplicate samples; the batch count still matches len().
+    w = _shuffled_keys(tmp_path / "out", seed=3, epoch=0, num_workers=2)
+    assert sorted(w) == sorted(m["keys"])
+
+
+def test_folder_dataset_matches_shards(tree, tmp_path):
+    _write(tree, tmp_path / "out")
+    ds = folder_dataset(tree, classes=CLASSES, transform=_to_tensor)
+    by_key = {key: (img, lab) for key, img, lab in (ds[i] for i in range(len(ds)))}
+    for keys, images, labels in image_loader(tmp_path / "out", transform=_to_tensor, batch_size=4,
+                                             shuffle=False, with_labels=True):
+        for key, image, label in zip(keys, images, labels):
+            assert by_key[key][1] == int(label)
+            assert torch.equal(by_key[key][0], image)  # same bytes, same decode, same transform
+
+
+def test_interrupted_write_leaves_nothing(tree, tmp_path, monkeypatch):
+    out = tmp_path / "shards" / "out"
+    calls = {"n": 0}
+    real_write = shards.wds.ShardWriter.write
+
+    def failing_write(self, obj):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("simulated crash")
+        return real_write(self, obj)
+
+    monkeypatch.setattr(shards.wds.ShardWriter, "write", failing_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _write(tree, out)
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []  # no temporary folder left either
+
+    # A crash while rewriting keeps the previous good output intact.
+    monkeypatch.setattr(shards.wds.ShardWriter, "write", real_write)
+    good = _write(tree, out)
+    calls["n"] = 0
+    monkeypatch.setattr(shards.wds.ShardWriter, "write", failing_write)
+    with pytest.raises(RuntimeError):
+        _write(tree, out, seed=9)
+    assert read_manifest(out) == good
+    assert [p.name for p in out.parent.iterdir()] == ["out"]
