@@ -36,20 +36,20 @@ class Field:
 
 
 def _int(minimum: int | None = None, optional: bool = False) -> Field:
+    expected = "expected an integer" + (f" >= {minimum}" if minimum is not None else "")
+
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            return "expected an integer"
-        if minimum is not None and v < minimum:
-            return f"expected an integer >= {minimum}"
+        if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
+            return expected
     return Field(check, optional)
 
 
 def _float(minimum: float | None = None, optional: bool = False) -> Field:
+    expected = "expected a number" + (f" >= {minimum}" if minimum is not None else "")
+
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return "expected a number"
-        if minimum is not None and v < minimum:
-            return f"expected a number >= {minimum}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (minimum is not None and v < minimum):
+            return expected
     return Field(check, optional)
 
 

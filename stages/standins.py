@@ -21,11 +21,10 @@ def main(argv: list[str] | None = None) -> None:
         def work(name, arch, device):
             out = pretrain_standin(arch=arch, shard_dirs=shard_dirs, classnames=load_classlist(st["dataset"]),
                                    templates=st["templates"], epochs=st["epochs"], batch_size=st["batch_size"],
-                                   lr=st["lr"], seed=params["seed"], device=device,
-                                   num_workers=params["runtime"]["num_workers"])
+                                   lr=st["lr"], seed=params["seed"], device=device)
             save_local_dir(out["model"], out["model_cfg"], tmp / name)
             atomic_write_json(tmp / name / "train_log.json", out["log"])
-            return {"arch": arch, "final_train_acc": out["log"][-1]["train_acc"]}
+            return {"arch": arch, "images": out["n_images"], "final_train_acc": out["log"][-1]["train_acc"]}
 
         results = run_stage_items(STAGE, params, st["models"], work, label=task_label(params))
         atomic_write_json(tmp / "manifest.json", {"standins": results, "dataset": st["dataset"],

@@ -3,8 +3,8 @@ import os
 
 # --- Environment: set before anything imports prefect, torch or huggingface_hub (they read it early).
 # Defaults only, so a developer can still override one from the shell.
+os.environ["HF_HUB_OFFLINE"] = "1"  # forced: no test may silently depend on the network
 for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_DISABLE_TELEMETRY": "1",
@@ -12,6 +12,7 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import pipeline  # noqa: E402,F401  (the torchvision guard must run before a test imports open_clip)
 import pytest  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
@@ -22,3 +23,21 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 def prefect_backend():
     with prefect_test_harness():
         yield
+
+
+# --- Data: a tiny real digits benchmark (6 images per class and domain) as shards, built once.
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """{domain: shard folder} for the mnist and usps digits domains."""
+    from pipeline.data.classlists import load_classlist
+    from pipeline.data.digits import build_domain
+    from pipeline.data.shards import write_domain_shards
+
+    root = tmp_path_factory.mktemp("digits")
+    out = {}
+    for domain in ("mnist", "usps"):
+        build_domain(domain, root / "raw" / domain, per_class=6, image_size=32, seed=0)
+        out[domain] = root / "shards" / domain
+        write_domain_shards(root / "raw" / domain, out[domain], dataset="digits", domain=domain,
+                            classes=load_classlist("digits"), maxcount=25, seed=0)
+    return out
