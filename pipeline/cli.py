@@ -19,7 +19,7 @@ def _smoke(args: argparse.Namespace) -> int:
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="uda-distill-smoke-"))
     start = time.perf_counter()
-    results = run_smoke(workdir)
+    results = run_smoke(workdir, echo=True)
     print((results / "results.md").read_text())
     print(f"smoke pipeline finished in {time.perf_counter() - start:.0f} s; project copy: {workdir}")
     return 0

@@ -29,15 +29,25 @@ def smoke_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path | None = None) -> str:
-    """Run ``cmd``; return its combined output, or raise with the tail of it when it fails."""
-    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if log is not None:
-        with open(log, "a", encoding="utf-8") as fh:
-            fh.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n")
+def run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path | None = None, echo: bool = False) -> str:
+    """Run ``cmd``; return its combined output (appended to ``log``, streamed when ``echo``).
+
+    Raises with the tail of the output when the command fails.
+    """
+    lines = []
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1) as proc:
+        with open(log if log is not None else os.devnull, "a", encoding="utf-8") as fh:
+            fh.write(f"$ {' '.join(cmd)}\n")
+            for line in proc.stdout:
+                lines.append(line)
+                fh.write(line)
+                if echo:
+                    sys.stdout.write(line)
+    output = "".join(lines)
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{proc.stdout[-4000:]}")
-    return proc.stdout
+        raise RuntimeError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{output[-4000:]}")
+    return output
 
 
 def prepare_workdir(workdir: str | os.PathLike, *, source: Path | None = None) -> Path:
@@ -62,13 +72,14 @@ def prepare_workdir(workdir: str | os.PathLike, *, source: Path | None = None) -
     return workdir
 
 
-def dvc(args: list[str], *, workdir: Path, log: Path | None = None) -> str:
-    """Run a ``dvc`` command in the scratch project with the smoke environment."""
-    return run([sys.executable, "-m", "dvc", *args], cwd=workdir, env=smoke_env(workdir), log=log)
+def dvc(args: list[str], *, workdir: Path, echo: bool = False) -> str:
+    """Run a ``dvc`` command in the scratch project with the smoke environment (logged to smoke.log)."""
+    return run([sys.executable, "-m", "dvc", *args], cwd=workdir, env=smoke_env(workdir),
+               log=workdir / "smoke.log", echo=echo)
 
 
-def run_smoke(workdir: str | os.PathLike) -> Path:
+def run_smoke(workdir: str | os.PathLike, *, echo: bool = False) -> Path:
     """Prepare ``workdir`` and run ``dvc repro`` there; return the results folder."""
     workdir = prepare_workdir(workdir)
-    dvc(["repro"], workdir=workdir, log=workdir / "smoke.log")
+    dvc(["repro"], workdir=workdir, echo=echo)
     return workdir / "results" / "report"

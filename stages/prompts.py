@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
             out = train_source_prompts(
                 teacher=teacher, classnames=[prompt_name(c) for c in classes],
                 shard_dir=shard_dir(params, task["dataset"], task["source"]), template=pr["template"],
-                n_ctx=pr["n_ctx"], init=pr["init"], epochs=pr["epochs"], batch_size=pr["batch_size"], lr=pr["lr"],
+                n_ctx=pr["n_ctx"], init=pr["init"], class_specific=pr["class_specific"], epochs=pr["epochs"], batch_size=pr["batch_size"], lr=pr["lr"],
                 momentum=pr["momentum"], weight_decay=pr["weight_decay"], seed=params["seed"], device=device,
                 num_workers=rt["num_workers"], deterministic=rt["deterministic"])
             atomic_torch_save(tmp / name / "prompt.pt", {

@@ -72,10 +72,13 @@ def zero_shot_vectors(model: LoadedModel, classnames: list[str], templates: list
 @torch.no_grad()
 def prompted_vectors(model: LoadedModel, classnames: list[str], *, template: str, contexts: torch.Tensor,
                      device: str) -> np.ndarray:
-    """Class vectors [E, C, D] of the learned text context, for each of the E saved contexts (epochs)."""
+    """Class vectors [E, C, D] of the learned text context, for each of the E saved contexts (epochs).
+
+    ``contexts`` is [E, n_ctx, width], or [E, C, n_ctx, width] for class-specific contexts.
+    """
     model.model.to(device)
     encoder = PromptedTextEncoder(model.model, model.tokenizer, classnames, template=template,
-                                  n_ctx=contexts.shape[1]).to(device)
+                                  n_ctx=contexts.shape[-2], class_specific=contexts.dim() == 4).to(device)
     out = []
     for ctx in contexts:
         encoder.ctx.copy_(ctx.to(device))

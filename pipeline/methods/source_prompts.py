@@ -36,19 +36,20 @@ def _labelled_features(model: LoadedModel, shard_dir: Path, *, batch_size: int, 
 
 
 def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_dir: str | Path, template: str,
-                         n_ctx: int, init: str, epochs: int, batch_size: int, lr: float, momentum: float,
+                         n_ctx: int, init: str, class_specific: bool, epochs: int, batch_size: int, lr: float, momentum: float,
                          weight_decay: float, seed: int, device: str, num_workers: int = 0,
                          deterministic: bool = True) -> dict[str, Any]:
     """Learn the teacher's text context on labelled source shards with cross-entropy.
 
-    Returns ``{"contexts": [E, n_ctx, width] tensor (one per epoch, last = reported), "log": [...]}``.
+    Returns ``{"contexts": [E, n_ctx, width] tensor (one per epoch, last = reported; [E, C, n_ctx, width]
+    when ``class_specific``), "log": [...]}``.
     """
     seed_everything(seed, deterministic=deterministic)
     teacher.model.to(device)
     feats, labels = _labelled_features(teacher, Path(shard_dir), batch_size=batch_size, device=device,
                                        num_workers=num_workers)
     prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template, n_ctx=n_ctx,
-                                 init=init).to(device)
+                                 init=init, class_specific=class_specific).to(device)
     scale = teacher.logit_scale
     optimizer, scheduler = sgd_with_cosine([prompt.ctx], lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
@@ -76,8 +77,3 @@ def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_d
     return {"contexts": torch.stack(contexts), "log": log, "n_source": int(len(labels)),
             "logit_scale": scale}
 
-
-def zero_shot_context(teacher: LoadedModel, classnames: list[str], *, template: str, n_ctx: int) -> np.ndarray:
-    """The context a 'word'-initialised prompt starts from: the template's own word embeddings."""
-    prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template, n_ctx=n_ctx)
-    return prompt.ctx.detach().cpu().numpy()

@@ -2,7 +2,8 @@
 
 * :class:`PromptedTextEncoder`: CoOp-style context. The prompt of class ``c`` is ``template.format(c)``; the
   first ``n_ctx`` tokens after the start token become learnable vectors, initialised from their word
-  embeddings (``init="word"``) or N(0, 0.02) (``init="random"``, the CDU/EKDA overwrite).
+  embeddings (``init="word"``) or N(0, 0.02) (``init="random"``, the CDU/EKDA overwrite); shared by all
+  classes, or one context per class (``class_specific``, CoOp's CSC).
 * :class:`PromptedVisionEncoder`: ``n_tokens`` visual prompt tokens added after the positional embedding and
   before ``ln_pre``, inserted after the class token (``location="middle"``, VPT/EKDA) or after the patches
   (``"append"``, IVLP/PromptKD); with ``depth > 1`` the prompt tokens are replaced by fresh learnable ones at
@@ -26,7 +27,7 @@ class PromptedTextEncoder(nn.Module):
     """Class text vectors of a frozen open_clip text tower with a learnable shared context."""
 
     def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], *, template: str, n_ctx: int,
-                 init: str = "word", init_std: float = 0.02):
+                 init: str = "word", init_std: float = 0.02, class_specific: bool = False):
         super().__init__()
         if init not in PROMPT_INITS:
             raise ValueError(f"prompt init {init!r} is not one of {PROMPT_INITS}")
@@ -43,6 +44,8 @@ class PromptedTextEncoder(nn.Module):
         with torch.no_grad():
             words = clip.token_embedding(tokens[:1, 1:1 + n_ctx])[0].float()
         ctx = words.clone() if init == "word" else torch.randn_like(words) * init_std
+        if class_specific:  # [C, n_ctx, width]: every class starts from the same context
+            ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
         self.ctx = nn.Parameter(ctx)
 
     def forward(self) -> torch.Tensor:
@@ -51,7 +54,8 @@ class PromptedTextEncoder(nn.Module):
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(self.tokens).to(cast_dtype)
         if self.n_ctx:
-            ctx = self.ctx.to(cast_dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            ctx = self.ctx.to(cast_dtype)
+            ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
         x = x + clip.positional_embedding.to(cast_dtype)
         x = clip.transformer(x, attn_mask=clip.attn_mask)
