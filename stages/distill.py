@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.features.cache import domain_keys, task_dir
-from pipeline.io import atomic_dir, atomic_save_npy, atomic_torch_save, atomic_write_json, read_json, write_run_info
+from pipeline.io import (atomic_dir, atomic_save_npy, atomic_torch_save, atomic_write_json, read_json,
+                         write_run_info)
 from pipeline.methods.promptkd import TeacherLogits, distill_promptkd
-from pipeline.models.factory import ModelSpec, check_weights_available, load_model
-from pipeline.orchestration.stage import run_stage_items, select, shard_dir, start, task_label
+from pipeline.models.factory import load_model
+from pipeline.orchestration.stage import (checked_model_spec, run_stage_items, select, shard_dir, start,
+                                          task_label)
 
 STAGE = "distill"
 
@@ -22,8 +24,7 @@ STAGE = "distill"
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
     d, rt = params["distill"], params["runtime"]
-    spec = ModelSpec.from_params(params["model"]["student"], role="student", cache_dir=params["model"]["cache_dir"])
-    check_weights_available(spec)
+    spec = checked_model_spec(params, "student")  # before any work
     features = Path(params["paths"]["features"])
     with atomic_dir(params["paths"]["distill"]) as tmp:
         def work(name, task, device):

@@ -18,8 +18,9 @@ from pipeline.data.classlists import prompt_name
 from pipeline.features.cache import (build_index, domain_dir, encode_images, logits, prompted_vectors,
                                      save_index, task_dir, zero_shot_vectors)
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, write_run_info
-from pipeline.models.factory import ModelSpec, assert_same_identity, check_weights_available, load_model
-from pipeline.orchestration.stage import run_stage_items, select, shard_dir, start, task_label
+from pipeline.models.factory import assert_same_identity, load_model
+from pipeline.orchestration.stage import (checked_model_spec, run_stage_items, select, shard_dir, start,
+                                          task_label)
 
 STAGE = "features"
 
@@ -27,8 +28,7 @@ STAGE = "features"
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
     ft, rt = params["features"], params["runtime"]
-    spec = ModelSpec.from_params(params["model"]["teacher"], role="teacher", cache_dir=params["model"]["cache_dir"])
-    check_weights_available(spec)
+    spec = checked_model_spec(params, "teacher")  # before any work
     prompts_dir = Path(params["paths"]["prompts"])
     with atomic_dir(params["paths"]["features"]) as tmp:
         def domain_work(name, pair, device):

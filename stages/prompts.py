@@ -6,8 +6,9 @@ from pathlib import Path
 from pipeline.data.classlists import load_classlist, prompt_name
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json, write_run_info
 from pipeline.methods.source_prompts import train_source_prompts
-from pipeline.models.factory import ModelSpec, check_weights_available, load_model
-from pipeline.orchestration.stage import run_stage_items, select, shard_dir, start, task_label
+from pipeline.models.factory import load_model
+from pipeline.orchestration.stage import (checked_model_spec, run_stage_items, select, shard_dir, start,
+                                          task_label)
 
 STAGE = "prompts"
 
@@ -15,8 +16,7 @@ STAGE = "prompts"
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
     pr, rt = params["prompts"], params["runtime"]
-    spec = ModelSpec.from_params(params["model"]["teacher"], role="teacher", cache_dir=params["model"]["cache_dir"])
-    check_weights_available(spec)  # before any work
+    spec = checked_model_spec(params, "teacher")  # before any work
     with atomic_dir(params["paths"]["prompts"]) as tmp:
         def work(name, task, device):
             teacher = load_model(spec, device=device)
@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> None:
             out = train_source_prompts(
                 teacher=teacher, classnames=[prompt_name(c) for c in classes],
                 shard_dir=shard_dir(params, task["dataset"], task["source"]), template=pr["template"],
-                n_ctx=pr["n_ctx"], init=pr["init"], class_specific=pr["class_specific"], epochs=pr["epochs"], batch_size=pr["batch_size"], lr=pr["lr"],
-                momentum=pr["momentum"], weight_decay=pr["weight_decay"], seed=params["seed"], device=device,
-                num_workers=rt["num_workers"], deterministic=rt["deterministic"])
+                n_ctx=pr["n_ctx"], init=pr["init"], class_specific=pr["class_specific"], epochs=pr["epochs"],
+                batch_size=pr["batch_size"], lr=pr["lr"], momentum=pr["momentum"], weight_decay=pr["weight_decay"],
+                seed=params["seed"], device=device, num_workers=rt["num_workers"], deterministic=rt["deterministic"])
             atomic_torch_save(tmp / name / "prompt.pt", {
                 "contexts": out["contexts"], "template": pr["template"], "classes": classes,
                 "identity": teacher.identity, "logit_scale": out["logit_scale"], "task": task})

@@ -28,8 +28,8 @@ def student():
 
 def _coop(teacher, shards, **kw):
     args = dict(teacher=teacher, classnames=NAMES, shard_dir=shards, template="a photo of the number {}.",
-                n_ctx=4, init="word", class_specific=False, epochs=4, batch_size=16, lr=0.5, momentum=0.9, weight_decay=0.0, seed=3,
-                device="cpu")
+                n_ctx=4, init="word", class_specific=False, epochs=4, batch_size=16, lr=0.5, momentum=0.9,
+                weight_decay=0.0, seed=3, device="cpu")
     return train_source_prompts(**{**args, **kw})
 
 

@@ -36,8 +36,8 @@ def _labelled_features(model: LoadedModel, shard_dir: Path, *, batch_size: int, 
 
 
 def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_dir: str | Path, template: str,
-                         n_ctx: int, init: str, class_specific: bool, epochs: int, batch_size: int, lr: float, momentum: float,
-                         weight_decay: float, seed: int, device: str, num_workers: int = 0,
+                         n_ctx: int, init: str, class_specific: bool, epochs: int, batch_size: int, lr: float,
+                         momentum: float, weight_decay: float, seed: int, device: str, num_workers: int = 0,
                          deterministic: bool = True) -> dict[str, Any]:
     """Learn the teacher's text context on labelled source shards with cross-entropy.
 

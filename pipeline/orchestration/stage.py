@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import load_params
+from pipeline.models.factory import ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
 from pipeline.orchestration.flows import run_items
 
@@ -44,6 +45,13 @@ def task_label(params: dict[str, Any]) -> str:
     """Run-name suffix naming the dataset(s) and task(s), e.g. ``digits-usps_to_mnist+printed_to_mnist``."""
     datasets = sorted({t["dataset"] for t in params["tasks"].values()})
     return f"{'+'.join(datasets)}-{'+'.join(params['tasks'])}"
+
+
+def checked_model_spec(params: dict[str, Any], role: str) -> ModelSpec:
+    """The teacher's or student's spec, after checking (before any work) that its weights can be had."""
+    spec = ModelSpec.from_params(params["model"][role], role=role, cache_dir=params["model"]["cache_dir"])
+    check_weights_available(spec)
+    return spec
 
 
 def shard_dir(params: dict[str, Any], dataset: str, domain: str) -> Path:
