@@ -26,6 +26,8 @@ def smoke_env(workdir: Path) -> dict[str, str]:
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(workdir / ".prefect"),
                 "PYTHONUNBUFFERED": "1"})
     env.pop("PREFECT_API_URL", None)  # ephemeral: never report smoke runs into a user's server
+    # stage commands say `python -m ...`: make that this interpreter even when its venv is not activated
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -65,10 +67,12 @@ def prepare_workdir(workdir: str | os.PathLike, *, source: Path | None = None) -
             shutil.copy2(src, dst)
     shutil.copy2(source / "configs" / "smoke.yaml", workdir / "params.yaml")
     env = smoke_env(workdir)
-    git = ["git", "-c", "user.name=uda-distill smoke", "-c", "user.email=smoke@localhost"]
     run(["git", "init", "-q"], cwd=workdir, env=env)
-    run(git + ["add", "-A"], cwd=workdir, env=env)
-    run(git + ["commit", "-q", "-m", "smoke configuration"], cwd=workdir, env=env)
+    # a local identity: `dvc exp run` commits experiments, and CI machines may have no global one
+    run(["git", "config", "user.name", "uda-distill smoke"], cwd=workdir, env=env)
+    run(["git", "config", "user.email", "smoke@localhost"], cwd=workdir, env=env)
+    run(["git", "add", "-A"], cwd=workdir, env=env)
+    run(["git", "commit", "-q", "-m", "smoke configuration"], cwd=workdir, env=env)
     return workdir
 
 

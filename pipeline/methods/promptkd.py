@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline.data.shards import image_loader
 from pipeline.io import atomic_torch_save
 from pipeline.losses.kd import kl_divergence
-from pipeline.methods.common import check_finite, seed_everything, sgd_with_cosine
+from pipeline.methods.common import check_finite, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedStudent
 
@@ -69,11 +69,11 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     each epoch without this stage touching labels; ``checkpoint_path`` (if given) is rewritten each epoch,
     so a divergence keeps the last good one.
     """
-    seed_everything(seed, deterministic=deterministic)
     shard_dir = Path(shard_dir)
     W = torch.from_numpy(class_vectors).float().to(device)
-    student = PromptedStudent(student_model.model.visual, teacher_dim=W.shape[1], n_tokens=n_tokens,
-                              location=location, depth=depth).to(device)
+    with seeded(seed, deterministic=deterministic):
+        student = PromptedStudent(student_model.model.visual, teacher_dim=W.shape[1], n_tokens=n_tokens,
+                                  location=location, depth=depth).to(device)
     trainable = [p for n, p in student.named_parameters() if not n.startswith("encoder.visual.")]
     for p in trainable:
         p.requires_grad_(True)

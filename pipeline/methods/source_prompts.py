@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.data.shards import image_loader
-from pipeline.methods.common import check_finite, seed_everything, sgd_with_cosine
+from pipeline.methods.common import check_finite, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedTextEncoder
 
@@ -44,16 +44,15 @@ def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_d
     Returns ``{"contexts": [E, n_ctx, width] tensor (one per epoch, last = reported; [E, C, n_ctx, width]
     when ``class_specific``), "log": [...]}``.
     """
-    seed_everything(seed, deterministic=deterministic)
     teacher.model.to(device)
     feats, labels = _labelled_features(teacher, Path(shard_dir), batch_size=batch_size, device=device,
                                        num_workers=num_workers)
-    prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template, n_ctx=n_ctx,
-                                 init=init, class_specific=class_specific).to(device)
+    with seeded(seed, deterministic=deterministic) as generator:
+        prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template,
+                                     n_ctx=n_ctx, init=init, class_specific=class_specific).to(device)
     scale = teacher.logit_scale
     optimizer, scheduler = sgd_with_cosine([prompt.ctx], lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
-    generator = torch.Generator().manual_seed(seed)
     contexts, log = [], []
     for epoch in tqdm(range(1, epochs + 1), desc="prompt epochs", unit="epoch"):
         start, total, correct, seen = time.perf_counter(), 0.0, 0, 0

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import image_loader
-from pipeline.methods.common import seed_everything
+from pipeline.methods.common import seeded
 
 
 @torch.no_grad()
@@ -39,8 +39,8 @@ def load_images(shard_dirs: list[Path], transform) -> tuple[torch.Tensor, torch.
 def pretrain_standin(*, arch: str, shard_dirs: list[Path], classnames: list[str], templates: list[str],
                      epochs: int, batch_size: int, lr: float, seed: int, device: str) -> dict[str, Any]:
     """Train ``arch`` (an open_clip config name) from random init; return the model, its config and a log."""
-    seed_everything(seed, deterministic=True)
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
+    with seeded(seed) as gen:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, device=device)
     tokenizer = open_clip.get_tokenizer(arch)
     names = [prompt_name(c) for c in classnames]
     # every caption tokenised once: [templates, classes, context]
@@ -50,7 +50,6 @@ def pretrain_standin(*, arch: str, shard_dirs: list[Path], classnames: list[str]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                     pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
     classes = torch.arange(len(names), device=device)
     log = []
     model.train()
