@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     W = torch.nn.functional.normalize(torch.randn(args.classes, dim, device=args.device), dim=-1)
     student = PromptedStudent(student_model.model.visual, teacher_dim=dim, n_tokens=4, location="append",
                               depth=2).to(args.device)
-    params = [p for n, p in student.named_parameters() if not n.startswith("encoder.visual.")]
+    params = student.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)

@@ -1,7 +1,8 @@
 """uda-distill: adapt CLIP-class models to an unlabelled domain by knowledge distillation.
 
-Importing the package makes the environment offline-friendly (telemetry off, hub offline unless the user
-says otherwise) and installs the torchvision guard before anything imports open_clip.
+Importing the package turns Prefect and DVC telemetry off (unless the user set those variables), asks
+cuBLAS for deterministic workspaces, and installs the torchvision guard before anything imports open_clip.
+``HF_HUB_OFFLINE`` is left to the user: set it to 1 to forbid downloads (the tests and the smoke run do).
 """
 import os
 
@@ -9,6 +10,7 @@ for _key, _value in {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # required for deterministic cuBLAS matmuls (runtime.deterministic)
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -27,11 +27,12 @@ def _smoke(args: argparse.Namespace) -> int:
 
 def _fetch_weights(args: argparse.Namespace) -> int:
     from pipeline.config import load_params
-    from pipeline.models.factory import ModelSpec, check_weights_available
+    from pipeline.models.factory import check_weights_available
+    from pipeline.orchestration.stage import checked_model_spec
 
     params = load_params(args.params)
     for role in ("teacher", "student"):
-        spec = ModelSpec.from_params(params["model"][role], role=role, cache_dir=params["model"]["cache_dir"])
+        spec = checked_model_spec(params, role)  # downloads a tag into the cache when the network allows
         print(f"{spec.describe()}: {check_weights_available(spec) or 'random init (tests only)'}")
     return 0
 

@@ -7,6 +7,7 @@ the key, the value found and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,9 @@ PROMPT_INITS = ("word", "random")
 LOCATIONS = ("middle", "append")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FAISS_INDEXES = ("flat_ip",)
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class ConfigError(ValueError):
@@ -68,10 +72,22 @@ def _bool(optional: bool = False) -> Field:
     return Field(lambda v: None if isinstance(v, bool) else "expected true or false", optional)
 
 
-def _str_list(choices: tuple[str, ...] | None = None, min_len: int = 1) -> Field:
+def _template_problem(v: str) -> str | None:
+    if not isinstance(v, str) or v.count("{}") != 1 or v.replace("{}", "").count("{") or v.count("}") != 1:
+        return "expected a prompt template with exactly one '{}' where the class name goes"
+    return None
+
+
+def _template() -> Field:
+    return Field(_template_problem)
+
+
+def _str_list(choices: tuple[str, ...] | None = None, min_len: int = 1, template: bool = False) -> Field:
     def check(v):
         if not isinstance(v, list) or len(v) < min_len or not all(isinstance(s, str) and s for s in v):
             return f"expected a list of at least {min_len} non-empty strings"
+        if template and any(_template_problem(s) for s in v):
+            return f"item {next(s for s in v if _template_problem(s))!r}: {_template_problem('')}"
         bad = [s for s in v if choices is not None and s not in choices]
         if bad:
             return f"{bad} not allowed; expected items from {list(choices)}"
@@ -95,7 +111,7 @@ SGD = {"epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0), "momentum": 
 SCHEMA: dict[str, Any] = {
     "seed": _int(0),
     "paths": {k: _str() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
-                                  "report")},
+                                  "report", "run_info")},
     "data": {
         "shard_maxcount": _int(1),
         "shuffle_seed": _int(0),
@@ -105,10 +121,10 @@ SCHEMA: dict[str, Any] = {
     "tasks": DictOf({"dataset": _str(), "source": _str(), "target": _str()}),
     "model": {"cache_dir": _str(nullable=True), "teacher": MODEL, "student": MODEL},
     "standins": {"models": DictOf(_str(), min_len=0), "dataset": _str(), "domains": _str_list(),
-                 "templates": _str_list(), "epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0)},
-    "prompts": {**SGD, "template": _str(), "n_ctx": _int(0), "init": _str(PROMPT_INITS),
+                 "templates": _str_list(template=True), "epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0)},
+    "prompts": {**SGD, "template": _template(), "n_ctx": _int(1), "init": _str(PROMPT_INITS),
                 "class_specific": _bool()},
-    "features": {"templates": _str_list(), "batch_size": _int(1), "faiss_index": _str(FAISS_INDEXES)},
+    "features": {"templates": _str_list(template=True), "batch_size": _int(1), "faiss_index": _str(FAISS_INDEXES)},
     "distill": {**SGD, "method": _str(METHODS), "kd_weight": _float(0.0), "kd_reduction": _str(KD_REDUCTIONS),
                 "temperature": _float(1e-6), "n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(1)},
     "evaluate": {"batch_size": _int(1)},
@@ -144,8 +160,17 @@ def _validate(value: Any, schema: Any, key: str, errors: list[str]) -> None:
 
 
 def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
+    from pipeline.data.classlists import available_classlists
+
     datasets = p["data"]["datasets"]
+    for name in [*datasets, *p["tasks"]]:  # both become folder names
+        if not NAME.fullmatch(name):
+            errors.append(f"{name!r}: dataset and task names may use letters, digits, '_' and '-' only")
+    known = available_classlists()
     for name, ds in datasets.items():
+        if name not in known:
+            errors.append(f"data.datasets.{name}: no class list pipeline/data/classlists/{name}.txt; "
+                          f"known: {known}")
         if ds["format"] == "digits":
             bad = [d for d in ds["domains"] if d not in DIGITS_DOMAINS]
             if bad:

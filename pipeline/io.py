@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -29,17 +29,21 @@ def _tmp_sibling(path: Path, *, is_dir: bool) -> Path:
     return Path(name)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary sibling and an atomic rename."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place atomically."""
     path = Path(path)
     tmp = _tmp_sibling(path, is_dir=False)
     try:
-        tmp.write_bytes(data)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -66,16 +70,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
-    path = Path(path)
-    tmp = _tmp_sibling(path, is_dir=False)
-    try:
-        with open(tmp, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append ".npy" to a name
             np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -119,10 +118,9 @@ def environment_info() -> dict[str, Any]:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": packages}
 
 
-def write_run_info(out_dir: str | os.PathLike, *, stage: str, params: dict[str, Any]) -> Path:
-    """Write ``run_info.json``: the resolved params the stage read plus environment and versions."""
-    return atomic_write_json(Path(out_dir) / "run_info.json",
-                             {"stage": stage, "params": params, "environment": environment_info()})
+def write_run_info(path: str | os.PathLike, *, stage: str, params: dict[str, Any]) -> Path:
+    """Write the resolved params a stage read plus environment and package versions to ``path``."""
+    return atomic_write_json(path, {"stage": stage, "params": params, "environment": environment_info()})
 
 
 def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:

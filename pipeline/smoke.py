@@ -1,7 +1,7 @@
 """Run the real pipeline (``dvc repro``) on the smoke configuration in a scratch copy of the project.
 
-The copy gets ``configs/smoke.yaml`` as its ``params.yaml``, its own git repository (``dvc exp run`` needs
-one) and its own Prefect home, so the user's workspace, caches and DVC lock are never touched.
+The copy gets ``configs/smoke.yaml`` as its ``params.yaml``, its own git repository (so that ``dvc exp run``
+also works there, as the tests check) and its own Prefect home, so the user's workspace, caches and DVC lock are never touched.
 """
 from __future__ import annotations
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.features.cache import domain_keys, task_dir
-from pipeline.io import (atomic_dir, atomic_save_npy, atomic_torch_save, atomic_write_json, read_json,
-                         write_run_info)
+from pipeline.io import atomic_dir, atomic_save_npy, atomic_torch_save, atomic_write_json, read_json
 from pipeline.methods.promptkd import TeacherLogits, distill_promptkd
 from pipeline.models.factory import load_model
-from pipeline.orchestration.stage import (checked_model_spec, run_stage_items, select, shard_dir, start,
-                                          task_label)
+from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
+                                          start, task_label)
 
 STAGE = "distill"
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
                 seed=params["seed"], device=device, num_workers=rt["num_workers"],
                 deterministic=rt["deterministic"], eval_batch_size=params["evaluate"]["batch_size"])
             atomic_torch_save(tmp / name / "student.pt", {
-                "state": out["state"], "class_vectors": class_vectors, "classes": meta["classes"],
+                "state": out["state"], "class_vectors": torch.from_numpy(class_vectors), "classes": meta["classes"],
                 "logit_scale": meta["logit_scale"], "student": student.identity, "teacher": meta["model"],
                 "method": d["method"], "distill": d, "task": task})
             atomic_save_npy(tmp / name / "predictions.npy", out["predictions"])
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             return out["log"][-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))
-        write_run_info(tmp, stage=STAGE, params=select(params, "distill", "tasks", "model.student", "seed",
-                                                       "runtime", "evaluate.batch_size"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import numpy as np
 from pipeline.data.shards import read_labels
 from pipeline.evaluation.metrics import classification_metrics, epoch_summary
 from pipeline.features.cache import domain_keys, task_dir
-from pipeline.io import atomic_dir, atomic_write_json, read_json, write_run_info
-from pipeline.orchestration.stage import run_stage_items, select, shard_dir, start, task_label
+from pipeline.io import atomic_dir, atomic_write_json, read_json
+from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir, start, task_label
 
 STAGE = "evaluate"
 PROTOCOL = "transductive UDA: the student trains on all (unlabelled) target images and is tested on them"
@@ -24,8 +24,8 @@ def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) ->
     """Target labels aligned with ``keys`` (the row order of upstream predictions)."""
     shard_keys, labels = read_labels(shard_dir(params, dataset, domain))
     by_key = dict(zip(shard_keys, labels.tolist()))
-    missing = [k for k in keys if k not in by_key]
-    if missing or len(keys) != len(by_key):
+    missing = [k for k in by_key if k not in set(keys)]
+    if missing or len(set(keys)) != len(keys) or len(keys) != len(by_key):
         raise ValueError(f"predictions for {dataset}/{domain} do not match its shards ({len(keys)} predicted, "
                          f"{len(by_key)} in shards, e.g. missing {missing[:3]}); re-run the pipeline")
     return np.array([by_key[k] for k in keys])
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             return models["student"]["target"]["last"]["acc"]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params), on_gpu=False)
-        write_run_info(tmp, stage=STAGE, params=select(params, "tasks"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
 from pipeline.features.cache import (build_index, domain_dir, encode_images, logits, prompted_vectors,
                                      save_index, task_dir, zero_shot_vectors)
-from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, write_run_info
+from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json
 from pipeline.models.factory import assert_same_identity, load_model
-from pipeline.orchestration.stage import (checked_model_spec, run_stage_items, select, shard_dir, start,
-                                          task_label)
+from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
+                                          start, task_label)
 
 STAGE = "features"
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         label = task_label(params)
         run_stage_items(STAGE, params, task_domains(params), domain_work, label=f"domains-{label}")
         run_stage_items(STAGE, params, params["tasks"], task_work, label=f"tasks-{label}")
-        write_run_info(tmp, stage=STAGE, params=select(params, "features", "tasks", "model.teacher", "runtime"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,9 @@
 """Stage ``prepare``: build the bundled digits domains as image-folder trees under ``paths.raw``."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.data.digits import build_domain
-from pipeline.io import atomic_dir, write_run_info
-from pipeline.orchestration.stage import run_stage_items, select, start, task_label
+from pipeline.io import atomic_dir
+from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
 
 STAGE = "prepare"
 
@@ -22,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
                                 image_size=ds["image_size"], seed=data["shuffle_seed"])
 
         run_stage_items(STAGE, params, items, work, label=task_label(params), on_gpu=False)
-        write_run_info(tmp, stage=STAGE, params=select(params, "data.datasets", "data.shuffle_seed"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

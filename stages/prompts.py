@@ -1,14 +1,12 @@
 """Stage ``prompts``: learn each task's teacher text context on its labelled source domain (CoOp)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.data.classlists import load_classlist, prompt_name
-from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json, write_run_info
+from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
-from pipeline.orchestration.stage import (checked_model_spec, run_stage_items, select, shard_dir, start,
-                                          task_label)
+from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
+                                          start, task_label)
 
 STAGE = "prompts"
 
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
             return out["log"][-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))
-        write_run_info(tmp, stage=STAGE, params=select(params, "prompts", "tasks", "model.teacher", "seed", "runtime"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.evaluation.report import build_report
-from pipeline.io import atomic_dir, read_json, write_run_info
-from pipeline.orchestration.stage import run_stage_items, select, start, task_label
+from pipeline.io import atomic_dir, read_json
+from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
 
 STAGE = "report"
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
             return build_report(metrics, tmp)
 
         run_stage_items(STAGE, params, {"report": None}, work, label=task_label(params), on_gpu=False)
-        write_run_info(tmp, stage=STAGE, params=select(params, "tasks"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

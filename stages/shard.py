@@ -5,8 +5,8 @@ from pathlib import Path
 
 from pipeline.data.classlists import load_classlist
 from pipeline.data.shards import write_domain_shards
-from pipeline.io import atomic_dir, write_run_info
-from pipeline.orchestration.stage import run_stage_items, select, start, task_label
+from pipeline.io import atomic_dir
+from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
 
 STAGE = "shard"
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
             return {"n": manifest["n"], "shards": len(manifest["shards"])}
 
         run_stage_items(STAGE, params, items, work, label=task_label(params), on_gpu=False)
-        write_run_info(tmp, stage=STAGE, params=select(params, "data"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ Only the offline smoke configuration names any; with real weights this stage wri
 from __future__ import annotations
 
 from pipeline.data.classlists import load_classlist
-from pipeline.io import atomic_dir, atomic_write_json, write_run_info
+from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.models.factory import save_local_dir
 from pipeline.models.standins import pretrain_standin
-from pipeline.orchestration.stage import run_stage_items, select, shard_dir, start, task_label
+from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir, start, task_label
 
 STAGE = "standins"
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run_stage_items(STAGE, params, st["models"], work, label=task_label(params))
         atomic_write_json(tmp / "manifest.json", {"standins": results, "dataset": st["dataset"],
                                                   "domains": st["domains"]})
-        write_run_info(tmp, stage=STAGE, params=select(params, "standins", "seed"))
+    record_run(params, STAGE)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ def test_missing_key(params):
     (lambda p: p["data"]["datasets"]["digits"].update(domains=["mnist", "svhn"]), "unknown digits domain(s) ['svhn']"),
     (lambda p: p["runtime"].update(device="tpu"), "runtime.device: expected one of ['auto', 'cpu', 'cuda']"),
     (lambda p: p["data"]["datasets"]["digits"].update(format="imagenet"), "expected one of ['digits']"),
+    (lambda p: p["tasks"].update({"a/b": p["tasks"]["usps_to_mnist"]}), "'a/b': dataset and task names"),
+    (lambda p: p["data"]["datasets"].update(toys=p["data"]["datasets"]["digits"]), "no class list"),
+    (lambda p: p["features"]["templates"].append("a photo of {x}"), "exactly one '{}'"),
+    (lambda p: p["prompts"].update(template="a photo"), "prompts.template: expected a prompt template"),
+    (lambda p: p["prompts"].update(n_ctx=0), "prompts.n_ctx: expected an integer >= 1"),
 ])
 def test_cross_checks(params, change, expected):
     change(params)

@@ -49,7 +49,6 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
     W = np.eye(10, 64, dtype=np.float32)  # any fixed unit class vectors
     cached = TeacherLogits(keys, logits(feats, W, 20.0))
     # corrupt the labels inside copied shards: a distillation that read them would crash
-    from pipeline.data.shards import write_domain_shards  # noqa: F401  (documents where shards come from)
     import io
     import tarfile
     garbage = tmp_path / "shards"

@@ -1,4 +1,5 @@
 """Stage entry modules: params are validated and weights checked before any work; failures leave no output."""
+import json
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,9 @@ def test_prepare_and_shard_write_atomically(tmp_path, monkeypatch):
     path = _params(tmp_path)
     prepare.main(["--params", str(path)])
     assert sorted(p.name for p in (tmp_path / "raw" / "digits").iterdir()) == ["mnist", "mnistm", "printed", "usps"]
-    assert (tmp_path / "raw" / "run_info.json").is_file()
+    run_info = json.loads((tmp_path / "run_info" / "prepare.json").read_text())
+    assert set(run_info["params"]) == {"data.datasets", "data.shuffle_seed", "runtime"}  # as dvc.yaml declares
+    assert "torch" in run_info["environment"]["packages"]
 
     import pipeline.data.shards as shards_lib
 

@@ -11,6 +11,7 @@ shared/reference/ecosystem.md §6 for the webdataset conventions followed here.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -54,9 +55,14 @@ def _check_classes(classes: list[str]) -> list[str]:
     return classes
 
 
-def _sample_key(classname: str, stem: str) -> str:
-    # Periods would become extensions in webdataset (faqs/0237), so the key has none.
-    return f"{classname}/{stem}".replace(".", "_")
+def sample_key(relative_path: str) -> str:
+    """An opaque, stable key for an image: a hash of its path below the domain folder.
+
+    Keys travel with every batch, also into the distill stage, which must not learn target labels: a key
+    such as ``three/img_042`` would carry the class, so none is derived from the class or the file name.
+    Hex digits only: periods would become webdataset extensions (faqs/0237).
+    """
+    return hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:20]
 
 
 def list_images(image_dir: Path, classes: list[str], *, allow_missing_classes: bool = False
@@ -84,7 +90,8 @@ def list_images(image_dir: Path, classes: list[str], *, allow_missing_classes: b
     for classname in folders:
         for path in (image_dir / classname).iterdir():
             if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
-                items.append((_sample_key(classname, path.stem), path, label_of[classname], classname))
+                key = sample_key(path.relative_to(image_dir).as_posix())
+                items.append((key, path, label_of[classname], classname))
     items.sort(key=lambda it: it[1].relative_to(image_dir).as_posix())
 
     seen: dict[str, Path] = {}
@@ -206,6 +213,20 @@ def _collate(samples: list[tuple]) -> tuple:
     return keys, images
 
 
+class _Sized(torch.utils.data.IterableDataset):
+    """A webdataset pipeline with a length (for progress bars); unlike ``with_length`` it pickles, so
+    loader workers can start by spawn/forkserver."""
+
+    def __init__(self, pipeline, length: int):
+        self.pipeline, self.length = pipeline, length
+
+    def __iter__(self):
+        return iter(self.pipeline)
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def image_loader(shard_dir: Path, *, transform: Callable, batch_size: int, shuffle: bool, seed: int = 0,
                  epoch: int = 0, with_labels: bool, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """DataLoader yielding ``(keys, images)`` or, with labels, ``(keys, images, labels)`` batches.
@@ -237,9 +258,12 @@ def image_loader(shard_dir: Path, *, transform: Callable, batch_size: int, shuff
 
     # Exact batch count: each worker reads shards[w::W] and keeps its own last partial batch.
     per_worker = [sum(sizes[s] for s in shards[w::max(num_workers, 1)]) for w in range(max(num_workers, 1))]
-    dataset = dataset.with_length(sum(math.ceil(n / batch_size) for n in per_worker), silent=True)
+    dataset = _Sized(dataset, sum(math.ceil(n / batch_size) for n in per_worker))
+    # Stages run their items in Prefect's worker threads; forking a process that has threads can leave
+    # the child with a held lock, so workers start from a clean forkserver instead.
+    context = "forkserver" if num_workers > 0 else None
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, multiprocessing_context=context)
 
 
 # ----------------------------------------------------------------------------------------- folders

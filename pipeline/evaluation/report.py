@@ -144,14 +144,11 @@ def _csv(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _accuracy_csv(m: dict[str, Any]) -> str:
+    # x is the distillation epoch; the teacher (its final prompt) is a constant reference on that axis,
+    # since its prompt-training epochs are a different clock.
     student = m["models"]["student"]["target"]["per_epoch"]
-    teacher = m["models"]["source_teacher"]["target"]["per_epoch"]
-
-    def at(values: list[float], e: int) -> Any:
-        return _r(values[e]) if e < len(values) else ""  # empty cell: that model ran fewer epochs
-
-    return _csv(["epoch", "student", "teacher"],
-                [[e + 1, at(student, e), at(teacher, e)] for e in range(max(len(student), len(teacher)))])
+    teacher = _r(m["models"]["source_teacher"]["target"]["last"]["acc"])
+    return _csv(["epoch", "student", "teacher"], [[e + 1, _r(acc), teacher] for e, acc in enumerate(student)])
 
 
 def _confusion_csv(m: dict[str, Any]) -> str:
@@ -179,13 +176,14 @@ def _accuracy_png(task_metrics: dict[str, dict[str, Any]]) -> bytes:
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.6 * nrows), squeeze=False)
     for ax, (task, m) in zip(axes.flat, task_metrics.items()):
         models = m["models"]
-        for name, label, style in (("student", "student", "o-"), ("source_teacher", "source-prompted teacher", "s-")):
-            accs = models[name]["target"]["per_epoch"]
-            ax.plot(range(1, len(accs) + 1), accs, style, markersize=3, label=label)
+        accs = models["student"]["target"]["per_epoch"]
+        ax.plot(range(1, len(accs) + 1), accs, "o-", markersize=3, label="student")
+        ax.axhline(models["source_teacher"]["target"]["last"]["acc"], color="tab:orange", linestyle=":",
+                   label="source-prompted teacher (final)")
         ax.axhline(models["zeroshot_teacher"]["target"]["acc"], color="grey", linestyle="--",
                    label="zero-shot teacher")
         ax.set_title(f"{task} ({m['source']} → {m['target']})", fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("distillation epoch")
         ax.set_ylabel("target accuracy (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -5,7 +5,6 @@ faiss runs on the GPU only when the installed build has GPU support and a GPU wa
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.data.shards import image_loader
-from pipeline.io import read_json
+from pipeline.io import atomic_write, read_json
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedTextEncoder
 
@@ -126,11 +125,7 @@ def save_index(index: Any, path: str | Path) -> Path:
     faiss = _faiss()
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def load_index(path: str | Path) -> Any:

@@ -74,7 +74,7 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     with seeded(seed, deterministic=deterministic):
         student = PromptedStudent(student_model.model.visual, teacher_dim=W.shape[1], n_tokens=n_tokens,
                                   location=location, depth=depth).to(device)
-    trainable = [p for n, p in student.named_parameters() if not n.startswith("encoder.visual.")]
+    trainable = student.trainable_parameters()
     for p in trainable:
         p.requires_grad_(True)
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -94,20 +94,24 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
             with autocast(precision, device):
                 z_s = logit_scale * student(images.to(device)) @ W.t()
             loss = kd_weight * kl_divergence(z_s.float(), z_t, temperature=temperature, reduction=kd_reduction)
-            check_finite(loss, where=f"distill epoch {epoch}", checkpoint=str(checkpoint_path))
+            check_finite(loss, where=f"distill epoch {epoch}",
+                         checkpoint=str(checkpoint_path) if checkpoint_path else None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch_keys)
             agree += (z_s.argmax(1) == z_t.argmax(1)).sum().item()
             seen += len(batch_keys)
+        lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        keys, preds = predict(student, W, shard_dir, transform=transform, batch_size=eval_batch_size,
-                              device=device, precision=precision, num_workers=num_workers)
+        epoch_keys, preds = predict(student, W, shard_dir, transform=transform, batch_size=eval_batch_size,
+                                    device=device, precision=precision, num_workers=num_workers)
+        if keys is not None and epoch_keys != keys:  # rows of every epoch must mean the same images
+            raise RuntimeError(f"target predictions of epoch {epoch} came in a different order than before")
+        keys = epoch_keys
         epoch_preds.append(preds)
         log.append({"epoch": epoch, "loss": total / max(seen, 1), "train_agreement_with_teacher":
-                    100.0 * agree / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - start})
+                    100.0 * agree / max(seen, 1), "lr": lr_used, "seconds": time.perf_counter() - start})
         if checkpoint_path is not None:
             _save_checkpoint(checkpoint_path, student, epoch)
     return {"state": student.trainable_state(), "keys": keys, "predictions": np.stack(epoch_preds),

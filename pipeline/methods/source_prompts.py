@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -69,10 +68,11 @@ def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_d
             total += loss.item() * len(idx)
             correct += (logits.argmax(1) == labels[idx]).sum().item()
             seen += len(idx)
+        lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
         contexts.append(prompt.ctx.detach().cpu().clone())
         log.append({"epoch": epoch, "loss": total / seen, "source_train_acc": 100.0 * correct / seen,
-                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start})
+                    "lr": lr_used, "seconds": time.perf_counter() - start})
     return {"contexts": torch.stack(contexts), "log": log, "n_source": int(len(labels)),
             "logit_scale": scale}
 

@@ -29,7 +29,8 @@ from pipeline.io import atomic_dir
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(CONFIG_DIR)  # architectures as data: the repo's JSON configs become model names
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from pipeline.config import PRECISIONS  # noqa: E402
+
 LOCAL_DIR = "local-dir:"
 
 
@@ -78,9 +79,11 @@ def check_weights_available(spec: ModelSpec) -> str | None:
         folder = spec.local_dir
         weights = [p for p in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
                    if (folder / p).is_file()]
-        if not (folder / "open_clip_config.json").is_file() or not weights:
-            raise ModelWeightsError(f"{spec.describe()}: folder {folder} lacks open_clip_config.json and "
-                                    f"open_clip_model.safetensors (was the producing stage run?); {hint}")
+        missing = ([] if (folder / "open_clip_config.json").is_file() else ["open_clip_config.json"]) + \
+            ([] if weights else ["open_clip_model.safetensors (or open_clip_pytorch_model.bin)"])
+        if missing:
+            raise ModelWeightsError(f"{spec.describe()}: folder {folder} lacks {' and '.join(missing)} "
+                                    f"(was the stage that writes it run?); {hint}")
         return str(folder / weights[0])
     if spec.name not in open_clip.list_models():
         raise ModelWeightsError(f"{spec.describe()}: unknown architecture; known names include "
@@ -147,9 +150,13 @@ def model_identity(spec: ModelSpec, model: torch.nn.Module) -> dict[str, Any]:
         "quick_gelu": type(act).__name__ == "QuickGELU",
         "precision": spec.precision,
         "embed_dim": int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None,
-        "preprocess": {k: (list(v) if isinstance(v, tuple) else v)
-                       for k, v in open_clip.get_model_preprocess_cfg(model).items()},
+        "preprocess": preprocess_config(model),
     }
+
+
+def preprocess_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's preprocess config (size, mean, std, interpolation, ...) as JSON-friendly values."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in open_clip.get_model_preprocess_cfg(model).items()}
 
 
 def assert_same_identity(expected: dict[str, Any], found: dict[str, Any], *, what: str) -> None:
@@ -174,11 +181,10 @@ def save_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: s
     """Save ``model`` as an ordinary open_clip ``local-dir:`` checkpoint (config + safetensors), atomically."""
     from safetensors.torch import save_file
 
-    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "open_clip_model.safetensors"))
         config = {"model_cfg": model_cfg,
-                  "preprocess_cfg": {k: (list(v) if isinstance(v, tuple) else v) for k, v in preprocess_cfg.items()}}
+                  "preprocess_cfg": preprocess_config(model)}
         (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)

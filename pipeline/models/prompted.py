@@ -19,8 +19,8 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torch.nn import functional as F
 
-PROMPT_INITS = ("word", "random")
-LOCATIONS = ("middle", "append")
+from pipeline.config import LOCATIONS, PROMPT_INITS
+
 
 
 class PromptedTextEncoder(nn.Module):
@@ -34,7 +34,8 @@ class PromptedTextEncoder(nn.Module):
         if "{}" not in template:
             raise ValueError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
         self.clip = clip
-        tokens = tokenizer([template.format(name) for name in classnames])
+        # the tokenizer returns CPU ids; the embedding lookup needs them where the (frozen) CLIP lives
+        tokens = tokenizer([template.format(name) for name in classnames]).to(clip.token_embedding.weight.device)
         prefix_len = len(tokenizer.encode(template.split("{}")[0])) if hasattr(tokenizer, "encode") else n_ctx
         if n_ctx > prefix_len:
             raise ValueError(f"n_ctx={n_ctx} but the template {template!r} has only {prefix_len} tokens before the "
@@ -135,6 +136,10 @@ class PromptedStudent(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised features in the teacher's space, shape [B, teacher_dim]."""
         return F.normalize(self.projector(self.encoder(images).float()), dim=-1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Prompts and projector; the backbone stays frozen."""
+        return [p for n, p in self.named_parameters() if not n.startswith("encoder.visual.")]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only what training changes (prompts, projector incl. BN statistics): small checkpoints."""

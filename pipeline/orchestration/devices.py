@@ -8,7 +8,7 @@ from typing import Iterator
 import pipeline  # noqa: F401  (environment defaults and the torchvision guard before torch)
 import torch
 
-POLICIES = ("auto", "cpu", "cuda")
+from pipeline.config import DEVICE_POLICIES as POLICIES
 
 
 def visible_devices(policy: str = "auto") -> list[str]:

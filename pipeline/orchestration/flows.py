@@ -100,7 +100,12 @@ def run_items(
         # The slot is taken per attempt, so an item waiting out a retry delay holds no device.
         with slots.acquire() as device:
             logger.info("stage %s: item %s on %s", stage, item_name, device)
-            return work(item_name, items[item_name], device)
+            try:
+                return work(item_name, items[item_name], device)
+            except BaseException:
+                if device.startswith("cuda"):  # give a retry (e.g. after CUDA OOM) the memory back
+                    torch.cuda.empty_cache()
+                raise
 
     # Items stay in this closure, never in Prefect parameters: they need not be JSON-serialisable.
     item_task = task(

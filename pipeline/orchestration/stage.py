@@ -11,7 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from pipeline.config import load_params
+from pipeline.io import write_run_info
 from pipeline.models.factory import ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
 from pipeline.orchestration.flows import run_items
@@ -58,12 +61,21 @@ def shard_dir(params: dict[str, Any], dataset: str, domain: str) -> Path:
     return Path(params["paths"]["shards"]) / dataset / domain
 
 
-def select(params: dict[str, Any], *keys: str) -> dict[str, Any]:
-    """The slice of params a stage read (``"distill"``, ``"model.teacher"``), for its run_info.json."""
-    out: dict[str, Any] = {}
+def record_run(params: dict[str, Any], stage: str, *, dvc_yaml: str | Path = "dvc.yaml") -> Path:
+    """Write ``<paths.run_info>/<stage>.json``: the params keys ``dvc.yaml`` declares for the stage (the ones
+    it reads), the execution settings under ``runtime``, and package versions.
+
+    Kept outside the stage's data outputs on purpose: a record that differs between machines must not
+    change the hash of what the next stage depends on.
+    """
+    keys = ["runtime"]
+    if Path(dvc_yaml).is_file():
+        declared = yaml.safe_load(Path(dvc_yaml).read_text()).get("stages", {}).get(stage, {}).get("params", [])
+        keys = [k for k in declared if isinstance(k, str)] + keys
+    resolved: dict[str, Any] = {}
     for key in keys:
         node: Any = params
         for part in key.split("."):
             node = node[part]
-        out[key] = node
-    return out
+        resolved[key] = node
+    return write_run_info(Path(params["paths"]["run_info"]) / f"{stage}.json", stage=stage, params=resolved)
