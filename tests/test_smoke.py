@@ -1,8 +1,9 @@
 """The whole real pipeline: `dvc repro` of the smoke configuration in a scratch copy (a few CPU minutes).
 
-Margins come from measured smoke runs over seeds 1-3 (see the closing note in the project history): the
-zero-shot stand-in teacher scored 53-62 % on the target (chance: 10 %), source prompting added 4-19 points
-on the source, and the student landed within a few points of the teacher on the target.
+Margins come from smoke runs with seeds 1, 2 and 3 (2 tasks each): the zero-shot stand-in teacher scored
+51.3-70.8 % on the target (chance: 10 %); source prompting added 2.9-3.5 points on an mnist source and
+19.6-22.2 on a usps source (mean over the two tasks 11.5-12.7); the student ended 1.9 points below to 7.4
+points above the source-prompted teacher on the target.
 """
 import json
 import re
@@ -42,12 +43,15 @@ def test_results_table_keys_and_ranges(smoke):
 
 def test_models_carry_knowledge_and_the_pipeline_adapts(smoke):
     _, results = smoke
+    gains = []
     for name, task in results["tasks"].items():
         zs, prompted, student = task["zeroshot_teacher"], task["source_teacher"], task["student"]
-        assert zs["target"]["acc"] > CHANCE + 20, f"{name}: zero-shot target accuracy at chance level"
-        assert prompted["source"]["acc"] > zs["source"]["acc"] + 2, f"{name}: source prompting did not help"
+        assert zs["target"]["acc"] > CHANCE + 20, f"{name}: zero-shot target accuracy near chance"
+        gains.append(prompted["source"]["acc"] - zs["source"]["acc"])
+        assert gains[-1] > 1.0, f"{name}: the source-prompted teacher is not above zero-shot on its source"
         gap = student["target"]["acc"] - prompted["target"]["acc"]
-        assert -8 < gap < 15, f"{name}: student {student['target']['acc']} far from teacher"
+        assert -7 < gap < 12, f"{name}: student {student['target']['acc']} far from teacher"
+    assert sum(gains) / len(gains) > 5.0
 
 
 def test_second_repro_runs_nothing(smoke):
