@@ -97,3 +97,17 @@ def test_missing_or_broken_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("seed: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "configs/smoke.yaml"])
+def test_params_survive_dvc_exp_run_set(tmp_path, name):
+    """`dvc exp run -S` rewrites params.yaml with its own YAML writer; the result must still load."""
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / name).read_text())
+    with modify_yaml(path) as data:
+        data["distill"]["epochs"] = 2
+    params = load_params(path)
+    assert params["distill"]["epochs"] == 2
+    assert params["model"] == load_params(ROOT / name)["model"]
