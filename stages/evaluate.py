@@ -24,8 +24,9 @@ def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) ->
     """Target labels aligned with ``keys`` (the row order of upstream predictions)."""
     shard_keys, labels = read_labels(shard_dir(params, dataset, domain))
     by_key = dict(zip(shard_keys, labels.tolist()))
-    missing = [k for k in by_key if k not in set(keys)]
-    if missing or len(set(keys)) != len(keys) or len(keys) != len(by_key):
+    predicted = set(keys)
+    missing = [k for k in by_key if k not in predicted]
+    if missing or len(predicted) != len(keys) or len(keys) != len(by_key):
         raise ValueError(f"predictions for {dataset}/{domain} do not match its shards ({len(keys)} predicted, "
                          f"{len(by_key)} in shards, e.g. missing {missing[:3]}); re-run the pipeline")
     return np.array([by_key[k] for k in keys])
