@@ -39,8 +39,6 @@ def main(argv: list[str] | None = None) -> dict:
     student = PromptedStudent(student_model.model.visual, teacher_dim=dim, n_tokens=4, location="append",
                               depth=2).to(args.device)
     params = student.trainable_parameters()
-    for p in params:
-        p.requires_grad_(True)
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     t_size = teacher.identity["preprocess"]["size"]
     s_size = student_model.identity["preprocess"]["size"]

@@ -217,11 +217,11 @@ class _Sized(torch.utils.data.IterableDataset):
     """A webdataset pipeline with a length (for progress bars); unlike ``with_length`` it pickles, so
     loader workers can start by spawn/forkserver."""
 
-    def __init__(self, pipeline, length: int):
-        self.pipeline, self.length = pipeline, length
+    def __init__(self, samples, length: int):
+        self.samples, self.length = samples, length
 
     def __iter__(self):
-        return iter(self.pipeline)
+        return iter(self.samples)
 
     def __len__(self) -> int:
         return self.length

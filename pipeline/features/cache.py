@@ -6,7 +6,7 @@ faiss runs on the GPU only when the installed build has GPU support and a GPU wa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -35,23 +35,38 @@ def domain_keys(features_root: str | Path, dataset: str, domain: str) -> list[st
 
 
 @torch.no_grad()
+@torch.no_grad()
+def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str | Path, *, transform,
+                  batch_size: int, device: str, precision: str, with_labels: bool = False,
+                  num_workers: int = 0, desc: str = "features"
+                  ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+    """Run ``encode`` (images -> features) over every image of ``shard_dir`` in shard order.
+
+    Returns keys, L2-normalised float features [N, D] on the CPU, and the labels when ``with_labels``
+    (otherwise ``None``: the loader then never reads them).
+    """
+    keys: list[str] = []
+    feats, labels = [], []
+    loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
+                          with_labels=with_labels, num_workers=num_workers)
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        with autocast(precision, device):
+            out = encode(batch[1].to(device))
+        feats.append(F.normalize(out.float(), dim=-1).cpu())
+        keys.extend(batch[0])
+        if with_labels:
+            labels.append(batch[2])
+    return keys, torch.cat(feats), (torch.cat(labels) if with_labels else None)
+
+
 def encode_images(model: LoadedModel, shard_dir: str | Path, *, batch_size: int, device: str,
                   num_workers: int = 0, desc: str = "features") -> tuple[list[str], np.ndarray]:
-    """Keys (shard order) and L2-normalised image features [N, D] of every image in ``shard_dir``.
-
-    No labels are read: the loader is built with ``with_labels=False``.
-    """
+    """Keys (shard order) and L2-normalised image features [N, D] of every image; no labels are read."""
     model.model.to(device)
-    keys: list[str] = []
-    chunks = []
-    loader = image_loader(shard_dir, transform=model.preprocess, batch_size=batch_size, shuffle=False,
-                          with_labels=False, num_workers=num_workers)
-    for batch_keys, images in tqdm(loader, desc=desc, unit="batch", leave=False):
-        with autocast(model.spec.precision, device):
-            feats = model.model.encode_image(images.to(device))
-        chunks.append(F.normalize(feats.float(), dim=-1).cpu())
-        keys.extend(batch_keys)
-    return keys, torch.cat(chunks).numpy().astype(np.float32)
+    keys, feats, _ = encode_shards(model.model.encode_image, shard_dir, transform=model.preprocess,
+                                   batch_size=batch_size, device=device, precision=model.spec.precision,
+                                   num_workers=num_workers, desc=desc)
+    return keys, feats.numpy().astype(np.float32)
 
 
 @torch.no_grad()

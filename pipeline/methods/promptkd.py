@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.shards import image_loader
+from pipeline.features.cache import encode_shards
 from pipeline.io import atomic_torch_save
 from pipeline.losses.kd import kl_divergence
 from pipeline.methods.common import check_finite, seeded, sgd_with_cosine
@@ -41,20 +42,13 @@ class TeacherLogits:
                            f"output does not match the target shards (re-run `dvc repro features`)") from None
 
 
-@torch.no_grad()
 def predict(student: PromptedStudent, class_vectors: torch.Tensor, shard_dir: Path, *, transform,
             batch_size: int, device: str, precision: str, num_workers: int = 0) -> tuple[list[str], np.ndarray]:
     """Keys and arg-max predictions over ``shard_dir`` in shard order (no labels read)."""
     student.eval()
-    keys, preds = [], []
-    loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
-                          with_labels=False, num_workers=num_workers)
-    for batch_keys, images in loader:
-        with autocast(precision, device):
-            feats = student(images.to(device))
-        preds.append((feats.float() @ class_vectors.t()).argmax(1).cpu())
-        keys.extend(batch_keys)
-    return keys, torch.cat(preds).numpy()
+    keys, feats, _ = encode_shards(student, shard_dir, transform=transform, batch_size=batch_size,
+                                   device=device, precision=precision, num_workers=num_workers, desc="predict")
+    return keys, (feats @ class_vectors.cpu().t()).argmax(1).numpy()
 
 
 def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, logit_scale: float,
@@ -75,8 +69,6 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
         student = PromptedStudent(student_model.model.visual, teacher_dim=W.shape[1], n_tokens=n_tokens,
                                   location=location, depth=depth).to(device)
     trainable = student.trainable_parameters()
-    for p in trainable:
-        p.requires_grad_(True)
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
     precision, transform = student_model.spec.precision, student_model.preprocess

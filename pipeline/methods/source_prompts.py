@@ -14,24 +14,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from pipeline.data.shards import image_loader
+from pipeline.features.cache import encode_shards
 from pipeline.methods.common import check_finite, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedTextEncoder
-
-
-@torch.no_grad()
-def _labelled_features(model: LoadedModel, shard_dir: Path, *, batch_size: int, device: str,
-                       num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, labels = [], []
-    loader = image_loader(shard_dir, transform=model.preprocess, batch_size=batch_size, shuffle=False,
-                          with_labels=True, num_workers=num_workers)
-    for _, images, y in tqdm(loader, desc="source features", unit="batch", leave=False):
-        with autocast(model.spec.precision, device):
-            f = model.model.encode_image(images.to(device))
-        feats.append(F.normalize(f.float(), dim=-1))
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
 
 
 def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_dir: str | Path, template: str,
@@ -44,8 +30,10 @@ def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_d
     when ``class_specific``), "log": [...]}``.
     """
     teacher.model.to(device)
-    feats, labels = _labelled_features(teacher, Path(shard_dir), batch_size=batch_size, device=device,
-                                       num_workers=num_workers)
+    _, feats, labels = encode_shards(teacher.model.encode_image, shard_dir, transform=teacher.preprocess,
+                                     batch_size=batch_size, device=device, precision=teacher.spec.precision,
+                                     with_labels=True, num_workers=num_workers, desc="source features")
+    feats, labels = feats.to(device), labels.to(device)
     with seeded(seed, deterministic=deterministic) as generator:
         prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template,
                                      n_ctx=n_ctx, init=init, class_specific=class_specific).to(device)
