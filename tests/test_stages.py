@@ -63,3 +63,16 @@ def test_prepare_and_shard_write_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(shard, "write_domain_shards", shards_lib.write_domain_shards)
     shard.main(["--params", str(path)])
     assert shards_lib.read_manifest(tmp_path / "shards" / "digits" / "usps")["n"] == 30
+
+
+def test_evaluate_joins_labels_by_key_and_refuses_mismatches(digits_shards):
+    from pipeline.data.shards import read_labels
+    from stages.evaluate import labels_in_order
+
+    root = digits_shards["usps"].parent
+    params = {"paths": {"shards": str(root.parent)}}
+    keys, labels = read_labels(digits_shards["usps"])
+    shuffled = keys[::-1]
+    assert labels_in_order(params, "shards", "usps", shuffled).tolist() == labels[::-1].tolist()
+    with pytest.raises(ValueError, match="do not match its shards"):
+        labels_in_order(params, "shards", "usps", shuffled[:-1] + shuffled[:1])  # a duplicate, one missing
