@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import yaml
 
-METHODS = ("promptkd",)
+METHODS = ("promptkd", "ekda", "dapl")
+LOSS_NAMES = ("kl", "nd", "sinkhorn", "dual_head", "binary_kl")  # pipeline.losses implements each
 DATASET_FORMATS = ("digits",)
 DIGITS_DOMAINS = ("mnist", "usps", "printed", "mnistm")
 KD_REDUCTIONS = ("batchmean", "numel")
@@ -108,10 +109,15 @@ MODEL = {"name": _str(), "pretrained": _str(optional=True, nullable=True),
 SGD = {"epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0), "momentum": _float(0.0),
        "weight_decay": _float(0.0)}
 
+LOSS = {"name": _str(LOSS_NAMES), "weight": _float(0.0), "reduction": _str(KD_REDUCTIONS),
+        "temperature": _float(1e-6), "nd_weight": _float(0.0), "sinkhorn_weight": _float(0.0),
+        "sinkhorn_epsilon": _float(1e-6), "sinkhorn_iters": _int(1), "dual_alpha": _float(0.0),
+        "dual_beta": _float(1e-6)}
+
 SCHEMA: dict[str, Any] = {
     "seed": _int(0),
     "paths": {k: _str() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
-                                  "report", "run_info")},
+                                  "report", "run_info", "checkpoints")},
     "data": {
         "shard_maxcount": _int(1),
         "shuffle_seed": _int(0),
@@ -122,11 +128,20 @@ SCHEMA: dict[str, Any] = {
     "model": {"cache_dir": _str(nullable=True), "teacher": MODEL, "student": MODEL},
     "standins": {"models": DictOf(_str(), min_len=0), "dataset": _str(), "domains": _str_list(),
                  "templates": _str_list(template=True), "epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0)},
-    "prompts": {**SGD, "template": _template(), "n_ctx": _int(1), "init": _str(PROMPT_INITS),
-                "class_specific": _bool()},
+    "prompts": {**SGD, "template": _template(), "n_ctx": _int(0), "init": _str(PROMPT_INITS),
+                "class_specific": _bool(), "visual_tokens": _int(0), "visual_location": _str(LOCATIONS),
+                "text_weight": _float(0.0), "image_weight": _float(0.0), "kl_weight": _float(0.0),
+                "gpa_mean": _float(0.0), "gpa_std": _float(1e-6)},
     "features": {"templates": _str_list(template=True), "batch_size": _int(1), "faiss_index": _str(FAISS_INDEXES)},
-    "distill": {**SGD, "method": _str(METHODS), "kd_weight": _float(0.0), "kd_reduction": _str(KD_REDUCTIONS),
-                "temperature": _float(1e-6), "n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(1)},
+    "distill": {**SGD, "method": _str(METHODS), "n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(1),
+                "loss": LOSS, "refine_knn": _int(0), "collapse_fraction": _float(0.0),
+                "ekda": {"template": _template(), "n_ctx": _int(1), "init": _str(PROMPT_INITS),
+                         "visual_tokens": _int(1), "teacher_lr": _float(0.0), "text_weight": _float(0.0),
+                         "image_weight": _float(0.0), "kl_weight": _float(0.0), "ce_weight": _float(0.0),
+                         "align_weight": _float(0.0)},
+                "dapl": {"n_ctx": _int(1), "n_domain_ctx": _int(1), "class_specific": _bool(),
+                         "naive_template": _template(), "threshold": _float(0.0), "temperature": _float(1e-6),
+                         "target_weight": _float(0.0)}},
     "evaluate": {"batch_size": _int(1)},
     "runtime": {"device": _str(DEVICE_POLICIES), "num_workers": _int(0), "retries": _int(0),
                 "retry_delay_s": _float(0.0), "deterministic": _bool()},
@@ -205,6 +220,15 @@ def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
     d = p["distill"]
     if d["n_tokens"] == 0 and d["depth"] != 1:
         errors.append("distill.depth: deep prompts need distill.n_tokens > 0")
+    if d["method"] == "ekda" and d["n_tokens"] == 0:
+        errors.append("distill.n_tokens: EKDA's student learns visual prompts; expected > 0")
+    if not 0.0 < d["collapse_fraction"] <= 1.0:
+        errors.append(f"distill.collapse_fraction: expected a fraction in (0, 1], got {d['collapse_fraction']!r}")
+    if d["loss"]["dual_alpha"] > 1.0:
+        errors.append(f"distill.loss.dual_alpha: expected a weight in [0, 1], got {d['loss']['dual_alpha']!r}")
+    pr = p["prompts"]
+    if pr["n_ctx"] == 0 and pr["visual_tokens"] == 0:
+        errors.append("prompts: n_ctx and visual_tokens are both 0, so nothing would be learned; set either")
 
 
 def validate_params(params: Any, *, source: str = "params.yaml") -> dict[str, Any]:

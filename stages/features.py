@@ -1,9 +1,11 @@
 """Stage ``features``: cache the teacher's class vectors, image features, logits and a faiss index.
 
-Phase 1, one item per (dataset, domain) a task touches: teacher image features of every image plus a faiss
-index over them (the CoOp teacher has no visual prompt, so its image features do not depend on the task).
-Phase 2, one item per task: zero-shot and learned-prompt class vectors (one set per prompt epoch), the
-target logits the student distils from, and the teacher's per-epoch predictions for the evaluate stage.
+Phase 1, one item per (dataset, domain) a task touches: the plain (zero-shot) teacher image features of
+every image plus a faiss index over them.
+Phase 2, one item per task: zero-shot and learned-prompt class vectors (one set per prompt epoch, plus the
+GPA aggregate when used), the target logits the student distils from, and the teacher's per-epoch
+predictions for the evaluate stage. A teacher with visual prompts has task-specific image features: they
+are re-encoded with the reported prompts (``target_features.npy``) and only that state is scored.
 No labels are read here.
 """
 from __future__ import annotations
@@ -15,8 +17,9 @@ import torch
 
 from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
-from pipeline.features.cache import (build_index, domain_dir, encode_images, logits, prompted_vectors,
-                                     save_index, task_dir, zero_shot_vectors)
+from pipeline.features.cache import (build_index, domain_dir, encode_images, encode_shards, logits,
+                                     prompted_vectors, save_index, task_dir, zero_shot_vectors)
+from pipeline.methods.source_prompts import build_teacher
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json
 from pipeline.models.factory import assert_same_identity, load_model
 from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
@@ -44,26 +47,40 @@ def main(argv: list[str] | None = None) -> None:
             return {"n": len(keys)}
 
         def task_work(name, task, device):
-            teacher = load_model(spec, device=device)
+            model = load_model(spec, device=device)
             prompt = torch.load(prompts_dir / name / "prompt.pt", map_location="cpu", weights_only=True)
-            assert_same_identity(teacher.identity, prompt["identity"], what=f"prompts/{name}/prompt.pt")
+            assert_same_identity(model.identity, prompt["identity"], what=f"prompts/{name}/prompt.pt")
             classnames = [prompt_name(c) for c in prompt["classes"]]
-            zero_shot = zero_shot_vectors(teacher, classnames, ft["templates"], device=device)
-            per_epoch = prompted_vectors(teacher, classnames, template=prompt["template"],
-                                         contexts=prompt["contexts"], device=device)
-            out, scale = task_dir(tmp, name), teacher.logit_scale
+            zero_shot = zero_shot_vectors(model, classnames, ft["templates"], device=device)
+            teacher = build_teacher(model, classnames, prompt["config"]).to(device).eval()
+            # rows of the teacher's per-epoch predictions; the last row is the reported teacher
+            rows = prompt["states"] + ([prompt["reported"]] if prompt["gpa"] else [])
+            if teacher.vision is not None:  # image features depend on the prompts: the reported state only
+                rows = [prompt["reported"]]
+            per_epoch = prompted_vectors(teacher, rows, precision=model.spec.precision, device=device)
+            out, scale = task_dir(tmp, name), model.logit_scale
             for side in ("source", "target"):
-                feats = np.load(domain_dir(tmp, task["dataset"], task[side]) / "features.npy")
-                atomic_save_npy(out / f"zeroshot_preds_{side}.npy", logits(feats, zero_shot, scale).argmax(1))
+                plain = np.load(domain_dir(tmp, task["dataset"], task[side]) / "features.npy")
+                feats = plain
+                if teacher.vision is not None:
+                    _, encoded, _ = encode_shards(teacher.image_features, shard_dir(params, task["dataset"], task[side]),
+                                                  transform=model.preprocess, batch_size=ft["batch_size"],
+                                                  device=device, precision=model.spec.precision,
+                                                  num_workers=rt["num_workers"], desc=f"prompted features {side}")
+                    feats = encoded.numpy().astype(np.float32)
+                    if side == "target":
+                        atomic_save_npy(out / "target_features.npy", feats)
+                atomic_save_npy(out / f"zeroshot_preds_{side}.npy", logits(plain, zero_shot, scale).argmax(1))
                 atomic_save_npy(out / f"teacher_preds_{side}.npy",
                                 np.stack([logits(feats, w, scale).argmax(1) for w in per_epoch]))
                 if side == "target":
                     atomic_save_npy(out / "target_logits.npy", logits(feats, per_epoch[-1], scale))
             atomic_save_npy(out / "class_vectors.npy", per_epoch[-1])  # shared with the student
             atomic_save_npy(out / "zeroshot_vectors.npy", zero_shot)
-            atomic_write_json(out / "meta.json", {"task": task, "classes": prompt["classes"], "logit_scale": scale,
-                                                  "templates": ft["templates"], "model": teacher.identity,
-                                                  "prompt_epochs": int(len(per_epoch))})
+            atomic_write_json(out / "meta.json", {
+                "task": task, "classes": prompt["classes"], "logit_scale": scale, "templates": ft["templates"],
+                "model": model.identity, "prompt_epochs": len(prompt["states"]), "gpa": prompt["gpa"],
+                "teacher_rows": len(per_epoch), "visual_prompts": teacher.vision is not None})
             return {"classes": len(classnames)}
 
         label = task_label(params)

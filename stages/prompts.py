@@ -1,9 +1,17 @@
-"""Stage ``prompts``: learn each task's teacher text context on its labelled source domain (CoOp)."""
+"""Stage ``prompts``: learn each task's teacher prompts on its labelled source domain.
+
+Text context (CoOp), shallow visual prompts (VPT) or both, with optional PromptSRC-style regularisation
+towards the zero-shot teacher (its text vectors are the ``features.templates`` ensemble) and Gaussian
+prompt aggregation; see :mod:`pipeline.methods.source_prompts`.
+"""
 from __future__ import annotations
 
+import torch
+
 from pipeline.data.classlists import load_classlist, prompt_name
+from pipeline.features.cache import zero_shot_vectors
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
-from pipeline.methods.source_prompts import train_source_prompts
+from pipeline.methods.source_prompts import TEACHER_KEYS, train_source_prompts
 from pipeline.models.factory import load_model
 from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
                                           start, task_label)
@@ -19,16 +27,22 @@ def main(argv: list[str] | None = None) -> None:
         def work(name, task, device):
             teacher = load_model(spec, device=device)
             classes = load_classlist(task["dataset"])
+            classnames = [prompt_name(c) for c in classes]
+            zs_text = None
+            if pr["text_weight"] or pr["kl_weight"]:
+                templates = params["features"]["templates"]
+                zs_text = torch.from_numpy(zero_shot_vectors(teacher, classnames, templates, device=device))
             out = train_source_prompts(
-                teacher=teacher, classnames=[prompt_name(c) for c in classes],
-                shard_dir=shard_dir(params, task["dataset"], task["source"]), template=pr["template"],
-                n_ctx=pr["n_ctx"], init=pr["init"], class_specific=pr["class_specific"], epochs=pr["epochs"],
+                teacher_model=teacher, classnames=classnames, config=pr, zs_text=zs_text,
+                shard_dir=shard_dir(params, task["dataset"], task["source"]), epochs=pr["epochs"],
                 batch_size=pr["batch_size"], lr=pr["lr"], momentum=pr["momentum"], weight_decay=pr["weight_decay"],
                 seed=params["seed"], device=device, num_workers=rt["num_workers"], deterministic=rt["deterministic"])
             atomic_torch_save(tmp / name / "prompt.pt", {
-                "contexts": out["contexts"], "template": pr["template"], "classes": classes,
-                "identity": teacher.identity, "logit_scale": out["logit_scale"], "task": task})
-            atomic_write_json(tmp / name / "train_log.json", out["log"])
+                "states": out["states"], "reported": out["reported"], "gpa": out["gpa"],
+                "config": {k: pr[k] for k in TEACHER_KEYS}, "classes": classes, "identity": teacher.identity,
+                "logit_scale": out["logit_scale"], "task": task})
+            atomic_write_json(tmp / name / "train_log.json", {"trainable_params": out["trainable_params"],
+                                                              "epochs": out["log"]})
             return out["log"][-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))

@@ -50,7 +50,7 @@ def test_wrong_type_names_key_value_and_type(params):
 
 def test_unknown_method_lists_allowed_values(params):
     params["distill"]["method"] = "magic"
-    assert "distill.method: expected one of ['promptkd'], got 'magic'" in _error(params)
+    assert "distill.method: expected one of ['promptkd', 'ekda', 'dapl'], got 'magic'" in _error(params)
 
 
 def test_missing_key(params):
@@ -69,7 +69,11 @@ def test_missing_key(params):
     (lambda p: p["data"]["datasets"].update(toys=p["data"]["datasets"]["digits"]), "no class list"),
     (lambda p: p["features"]["templates"].append("a photo of {x}"), "exactly one '{}'"),
     (lambda p: p["prompts"].update(template="a photo"), "prompts.template: expected a prompt template"),
-    (lambda p: p["prompts"].update(n_ctx=0), "prompts.n_ctx: expected an integer >= 1"),
+    (lambda p: p["prompts"].update(n_ctx=-1), "prompts.n_ctx: expected an integer >= 0"),
+    (lambda p: p["prompts"].update(n_ctx=0, visual_tokens=0), "n_ctx and visual_tokens are both 0"),
+    (lambda p: p["distill"].update(collapse_fraction=1.5), "distill.collapse_fraction: expected a fraction"),
+    (lambda p: p["distill"]["loss"].update(name="mse"), "distill.loss.name: expected one of ['kl', 'nd'"),
+    (lambda p: p["distill"]["ekda"].update(lr=0.1), "distill.ekda.lr: unknown key"),
 ])
 def test_cross_checks(params, change, expected):
     change(params)

@@ -6,7 +6,7 @@ import torch
 from pipeline.features.cache import (build_index, encode_images, faiss_uses_gpu, load_index, logits,
                                      prompted_vectors, save_index, zero_shot_vectors)
 from pipeline.models.factory import ModelSpec, load_model
-from pipeline.models.prompted import PromptedTextEncoder
+from pipeline.models.prompted import PromptedTeacher
 
 NAMES = ["zero", "one", "two", "three"]
 
@@ -32,15 +32,23 @@ def test_zero_shot_vectors_average_templates(tiny):
     assert not np.allclose(one, two)
 
 
-def test_prompted_vectors_one_set_per_saved_context(tiny):
-    enc = PromptedTextEncoder(tiny.model, tiny.tokenizer, NAMES, template="a photo of the number {}.", n_ctx=2)
-    contexts = torch.stack([enc.ctx.detach(), enc.ctx.detach() + 0.5])
-    vecs = prompted_vectors(tiny, NAMES, template="a photo of the number {}.", contexts=contexts, device="cpu")
+def _teacher(tiny, **kw):
+    args = dict(template="a photo of the number {}.", n_ctx=2)
+    return PromptedTeacher(tiny.model, tiny.tokenizer, NAMES, **{**args, **kw})
+
+
+def test_prompted_vectors_one_set_per_saved_state(tiny):
+    teacher = _teacher(tiny)
+    first = teacher.trainable_state()
+    second = {"text.ctx": first["text.ctx"] + 0.5}
+    vecs = prompted_vectors(teacher, [first, second], precision="fp32", device="cpu")
     assert vecs.shape == (2, 4, 64)
     # the word-initialised context equals the plain prompt
     assert np.allclose(vecs[0], zero_shot_vectors(tiny, NAMES, ["a photo of the number {}."], device="cpu"),
                        atol=1e-5)
     assert not np.allclose(vecs[0], vecs[1])
+    with pytest.raises(ValueError, match="missing \\['text.ctx'\\], unexpected \\['ctx'\\]"):
+        prompted_vectors(teacher, [{"ctx": first["text.ctx"]}], precision="fp32", device="cpu")
 
 
 def test_logits_are_scaled_cosines():
@@ -64,10 +72,8 @@ def test_faiss_index_roundtrip_and_metadata(tmp_path):
 
 
 def test_prompted_vectors_accept_class_specific_contexts(tiny):
-    enc = PromptedTextEncoder(tiny.model, tiny.tokenizer, NAMES, template="a photo of the number {}.", n_ctx=2,
-                              class_specific=True)
-    assert enc.ctx.shape == (4, 2, 64)
-    vecs = prompted_vectors(tiny, NAMES, template="a photo of the number {}.", contexts=enc.ctx.detach()[None],
-                            device="cpu")
+    teacher = _teacher(tiny, class_specific=True)
+    assert teacher.text.ctx.shape == (4, 2, 64)
+    vecs = prompted_vectors(teacher, [teacher.trainable_state()], precision="fp32", device="cpu")
     assert np.allclose(vecs[0], zero_shot_vectors(tiny, NAMES, ["a photo of the number {}."], device="cpu"),
                        atol=1e-5)

@@ -1,4 +1,4 @@
-"""Source prompt pretraining (CoOp) and PromptKD distillation on tiny real digits shards."""
+"""Source prompt pretraining (CoOp, VPT, SCL, GPA) and PromptKD distillation on tiny real digits shards."""
 import numpy as np
 import pytest
 import torch
@@ -7,7 +7,8 @@ from pipeline.data.classlists import load_classlist, prompt_name
 from pipeline.data.shards import read_manifest
 from pipeline.features.cache import encode_images, logits
 from pipeline.methods.common import TrainingDiverged, check_finite
-from pipeline.methods.promptkd import TeacherLogits, distill_promptkd
+from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
+from pipeline.methods.promptkd import KeyedRows, distill_promptkd
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import ModelSpec, load_model
 
@@ -26,20 +27,29 @@ def student():
     return load_model(ModelSpec(name="digits-vit-student", pretrained="random", role="student"))
 
 
-def _coop(teacher, shards, **kw):
-    args = dict(teacher=teacher, classnames=NAMES, shard_dir=shards, template="a photo of the number {}.",
-                n_ctx=4, init="word", class_specific=False, epochs=4, batch_size=16, lr=0.5, momentum=0.9,
-                weight_decay=0.0, seed=3, device="cpu")
-    return train_source_prompts(**{**args, **kw})
+PROMPTS = dict(template="a photo of the number {}.", n_ctx=4, init="word", class_specific=False, visual_tokens=0,
+               visual_location="middle", text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=0.0, gpa_std=1.0)
+
+
+def _coop(teacher, shards, zs_text=None, **kw):
+    args = dict(teacher_model=teacher, classnames=NAMES, shard_dir=shards, zs_text=zs_text, epochs=4,
+                batch_size=16, lr=0.5, momentum=0.9, weight_decay=0.0, seed=3, device="cpu")
+    config = {**PROMPTS, **{k: v for k, v in kw.items() if k in PROMPTS}}
+    return train_source_prompts(config=config, **{**args, **{k: v for k, v in kw.items() if k not in PROMPTS}})
+
+
+def _ctx(out):
+    return torch.stack([s["text.ctx"] for s in out["states"]])
 
 
 def test_coop_learns_the_context_and_is_repeatable(teacher, digits_shards):
     out = _coop(teacher, digits_shards["usps"])
-    assert out["contexts"].shape == (4, 4, 64) and out["n_source"] == 60
+    assert _ctx(out).shape == (4, 4, 64) and out["n_source"] == 60 and out["trainable_params"] == 4 * 64
+    assert set(out["reported"]) == {"text.ctx"} and torch.equal(out["reported"]["text.ctx"], _ctx(out)[-1])
     assert out["log"][-1]["loss"] < out["log"][0]["loss"]  # CE on the source goes down
-    assert not torch.equal(out["contexts"][0], out["contexts"][-1])
+    assert not torch.equal(_ctx(out)[0], _ctx(out)[-1])
     again = _coop(teacher, digits_shards["usps"])
-    assert torch.equal(out["contexts"], again["contexts"])  # seeded: same result on CPU
+    assert torch.equal(_ctx(out), _ctx(again))  # seeded: same result on CPU
     assert all(not p.requires_grad for p in teacher.model.parameters())
 
 
@@ -47,7 +57,7 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
     shards = digits_shards["mnist"]
     keys, feats = encode_images(teacher, shards, batch_size=32, device="cpu")
     W = np.eye(10, 64, dtype=np.float32)  # any fixed unit class vectors
-    cached = TeacherLogits(keys, logits(feats, W, 20.0))
+    cached = KeyedRows(keys, logits(feats, W, 20.0))
     # corrupt the labels inside copied shards: a distillation that read them would crash
     import io
     import tarfile
@@ -64,10 +74,11 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
     for extra in ("manifest.json", "sizes.json"):
         (garbage / extra).write_bytes((shards / extra).read_bytes())
 
+    loss = build_distill_loss({**LOSS_DEFAULTS, "temperature": 2.0}, n_classes=10, feature_dim=64)
     args = dict(student_model=student, class_vectors=W, logit_scale=20.0, teacher_logits=cached,
-                shard_dir=garbage, epochs=3, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.0,
-                kd_weight=1.0, kd_reduction="batchmean", temperature=2.0, n_tokens=2, location="append",
-                depth=2, seed=0, device="cpu", checkpoint_path=tmp_path / "ckpt.pt")
+                teacher_features=None, loss=loss, shard_dir=garbage, epochs=3, batch_size=16, lr=0.05,
+                momentum=0.9, weight_decay=0.0, n_tokens=2, location="append", depth=2, seed=0, device="cpu",
+                checkpoint_path=tmp_path / "ckpt.pt")
     out = distill_promptkd(**args)
     assert out["predictions"].shape == (3, 60) and out["keys"] == keys
     assert out["log"][-1]["loss"] < out["log"][0]["loss"]
@@ -81,11 +92,11 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
 
 
 def test_missing_teacher_logits_name_the_key():
-    cached = TeacherLogits(["a/1", "b/2"], np.zeros((2, 3), dtype=np.float32))
-    with pytest.raises(KeyError, match="no cached teacher logits for target sample 'c/3'"):
+    cached = KeyedRows(["a/1", "b/2"], np.zeros((2, 3), dtype=np.float32))
+    with pytest.raises(KeyError, match="no cached teacher logits for sample 'c/3'"):
         cached(["a/1", "c/3"])
     with pytest.raises(ValueError, match="2 keys but 1 rows"):
-        TeacherLogits(["a", "b"], np.zeros((1, 3)))
+        KeyedRows(["a", "b"], np.zeros((1, 3)))
 
 
 def test_nan_guard_names_where_and_checkpoint():
@@ -95,5 +106,5 @@ def test_nan_guard_names_where_and_checkpoint():
 
 def test_class_specific_context_has_one_context_per_class(teacher, digits_shards):
     out = _coop(teacher, digits_shards["usps"], class_specific=True, epochs=2)
-    assert out["contexts"].shape == (2, 10, 4, 64)
-    assert not torch.equal(out["contexts"][-1, 0], out["contexts"][-1, 1])  # classes moved apart
+    assert _ctx(out).shape == (2, 10, 4, 64)
+    assert not torch.equal(_ctx(out)[-1, 0], _ctx(out)[-1, 1])  # classes moved apart

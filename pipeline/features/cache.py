@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipeline.data.shards import image_loader
 from pipeline.io import atomic_write, read_json
 from pipeline.models.factory import LoadedModel, autocast
-from pipeline.models.prompted import PromptedTextEncoder
+from pipeline.models.prompted import PromptedTeacher
 
 
 def domain_dir(features_root: str | Path, dataset: str, domain: str) -> Path:
@@ -34,7 +34,6 @@ def domain_keys(features_root: str | Path, dataset: str, domain: str) -> list[st
     return read_json(domain_dir(features_root, dataset, domain) / "keys.json")
 
 
-@torch.no_grad()
 @torch.no_grad()
 def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str | Path, *, transform,
                   batch_size: int, device: str, precision: str, with_labels: bool = False,
@@ -84,20 +83,14 @@ def zero_shot_vectors(model: LoadedModel, classnames: list[str], templates: list
 
 
 @torch.no_grad()
-def prompted_vectors(model: LoadedModel, classnames: list[str], *, template: str, contexts: torch.Tensor,
+def prompted_vectors(teacher: PromptedTeacher, states: list[dict[str, torch.Tensor]], *, precision: str,
                      device: str) -> np.ndarray:
-    """Class vectors [E, C, D] of the learned text context, for each of the E saved contexts (epochs).
-
-    ``contexts`` is [E, n_ctx, width], or [E, C, n_ctx, width] for class-specific contexts.
-    """
-    model.model.to(device)
-    encoder = PromptedTextEncoder(model.model, model.tokenizer, classnames, template=template,
-                                  n_ctx=contexts.shape[-2], class_specific=contexts.dim() == 4).to(device)
+    """Class vectors [E, C, D] of a prompted teacher, one set per saved trainable state (epoch)."""
     out = []
-    for ctx in contexts:
-        encoder.ctx.copy_(ctx.to(device))
-        with autocast(model.spec.precision, device):
-            out.append(encoder().float().cpu())
+    for state in states:
+        teacher.load_trainable_state(state)
+        with autocast(precision, device):
+            out.append(teacher.class_vectors().float().cpu())
     return torch.stack(out).numpy().astype(np.float32)
 
 

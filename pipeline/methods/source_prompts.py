@@ -1,66 +1,162 @@
-"""Source prompt pretraining of the teacher: CoOp-style learnable text context on a frozen CLIP.
+"""Source prompt pretraining of the teacher: text context (CoOp), shallow visual prompts (VPT), or both.
 
-The image encoder is frozen and images get the model's deterministic eval transform, so the source image
-features are computed once and every epoch only runs the text tower over the C class prompts (the cost
-that CoOp#12 reports running out of memory on is the text encoder, not the images).
+Optional PromptSRC-style self-regularisation (SCL) ties the prompted teacher to the frozen zero-shot
+model: L1 to the zero-shot text vectors (a template ensemble) and image features, and KL_numel to the
+zero-shot logits; optional Gaussian prompt aggregation (GPA) averages the per-epoch prompts with weights
+N(epoch; mean, std). The same teacher step serves EKDA (:mod:`pipeline.methods.ekda`).
+
+With text prompts only, the image encoder is frozen and images get the model's deterministic eval
+transform, so the source image features are computed once and every step only runs the text tower over
+the C class prompts. Visual prompts make every step encode its images.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from pipeline.data.shards import image_loader
 from pipeline.features.cache import encode_shards
+from pipeline.losses.kd import kl_divergence
 from pipeline.methods.common import check_finite, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
-from pipeline.models.prompted import PromptedTextEncoder
+from pipeline.models.prompted import PromptedTeacher
+
+TEACHER_KEYS = ("template", "n_ctx", "init", "class_specific", "visual_tokens", "visual_location")
 
 
-def train_source_prompts(*, teacher: LoadedModel, classnames: list[str], shard_dir: str | Path, template: str,
-                         n_ctx: int, init: str, class_specific: bool, epochs: int, batch_size: int, lr: float,
-                         momentum: float, weight_decay: float, seed: int, device: str, num_workers: int = 0,
-                         deterministic: bool = True) -> dict[str, Any]:
-    """Learn the teacher's text context on labelled source shards with cross-entropy.
+def build_teacher(model: LoadedModel, classnames: list[str], config: dict[str, Any]) -> PromptedTeacher:
+    """The prompted teacher described by ``config`` (the :data:`TEACHER_KEYS` of the prompts params)."""
+    return PromptedTeacher(model.model, model.tokenizer, classnames, template=config["template"],
+                           n_ctx=config["n_ctx"], init=config["init"], class_specific=config["class_specific"],
+                           visual_tokens=config["visual_tokens"], visual_location=config["visual_location"])
 
-    Returns ``{"contexts": [E, n_ctx, width] tensor (one per epoch, last = reported; [E, C, n_ctx, width]
-    when ``class_specific``), "log": [...]}``.
+
+def teacher_step_loss(logits: torch.Tensor, labels: torch.Tensor, *, text: torch.Tensor, image: torch.Tensor,
+                      zs_text: torch.Tensor | None, zs_image: torch.Tensor | None, scale: float,
+                      text_weight: float, image_weight: float, kl_weight: float
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+    """CE on source labels + SCL: w_txt*L1(t, t0) + w_img*L1(f, f0) + w_kl*KL_numel(softmax z0 || softmax z).
+
+    ``text``/``image`` are the prompted (normalised) class vectors and image features; ``zs_*`` their frozen
+    zero-shot counterparts (needed only when a weight is > 0). L1 is the element mean, as in PromptSRC.
     """
-    teacher.model.to(device)
-    _, feats, labels = encode_shards(teacher.model.encode_image, shard_dir, transform=teacher.preprocess,
-                                     batch_size=batch_size, device=device, precision=teacher.spec.precision,
-                                     with_labels=True, num_workers=num_workers, desc="source features")
-    feats, labels = feats.to(device), labels.to(device)
+    loss = F.cross_entropy(logits.float(), labels)
+    parts = {"ce": loss.item()}
+    if (text_weight or kl_weight) and zs_text is None or (image_weight or kl_weight) and zs_image is None:
+        raise ValueError("the SCL regulariser needs the zero-shot text vectors and image features")
+    terms = {}
+    if text_weight:
+        terms["l1_text"] = (text_weight, F.l1_loss(text.float(), zs_text.float()))
+    if image_weight:
+        terms["l1_image"] = (image_weight, F.l1_loss(image.float(), zs_image.float()))
+    if kl_weight:
+        zs_logits = scale * zs_image.float() @ zs_text.float().t()
+        terms["kl_zeroshot"] = (kl_weight, kl_divergence(logits, zs_logits, reduction="numel"))
+    for name, (weight, value) in terms.items():
+        loss = loss + weight * value
+        parts[name] = value.item()
+    return loss, parts
+
+
+def gaussian_weights(epochs: int, mean: float, std: float) -> list[float]:
+    """GPA weights w_e proportional to N(e; mean, std) for e = 1..epochs."""
+    w = [math.exp(-((e - mean) ** 2) / (2 * std ** 2)) for e in range(1, epochs + 1)]
+    total = sum(w)
+    if total == 0.0:
+        raise ValueError(f"prompts.gpa_mean={mean} with gpa_std={std} puts no weight on epochs 1..{epochs}")
+    return [x / total for x in w]
+
+
+def aggregate_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted average of per-epoch states (floating tensors; others taken from the last state)."""
+    out = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            out[key] = sum(w * s[key].float() for w, s in zip(weights, states)).to(last.dtype)
+        else:
+            out[key] = last.clone()
+    return out
+
+
+def _cached_batches(feats, labels, batch_size, generator) -> Iterator[tuple[None, torch.Tensor, torch.Tensor]]:
+    order = torch.randperm(len(labels), generator=generator)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        yield None, feats[idx], labels[idx]
+
+
+def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], shard_dir: str | Path,
+                         config: dict[str, Any], zs_text: torch.Tensor | None, epochs: int, batch_size: int,
+                         lr: float, momentum: float, weight_decay: float, seed: int, device: str,
+                         num_workers: int = 0, deterministic: bool = True) -> dict[str, Any]:
+    """Learn the teacher's prompts on labelled source shards.
+
+    ``config`` holds :data:`TEACHER_KEYS` plus ``text_weight``, ``image_weight``, ``kl_weight``,
+    ``gpa_mean`` (0: off) and ``gpa_std``. Returns per-epoch trainable states, the reported state (GPA
+    aggregate or last epoch) and a log.
+    """
+    model, precision, scale = teacher_model.model.to(device), teacher_model.spec.precision, teacher_model.logit_scale
     with seeded(seed, deterministic=deterministic) as generator:
-        prompt = PromptedTextEncoder(teacher.model, teacher.tokenizer, classnames, template=template,
-                                     n_ctx=n_ctx, init=init, class_specific=class_specific).to(device)
-    scale = teacher.logit_scale
-    optimizer, scheduler = sgd_with_cosine([prompt.ctx], lr=lr, momentum=momentum, weight_decay=weight_decay,
+        teacher = build_teacher(teacher_model, classnames, config).to(device)
+    visual = teacher.vision is not None
+    zs_text = zs_text.to(device) if zs_text is not None else None
+    if not visual:  # frozen image encoder: encode the source once
+        _, feats, labels = encode_shards(model.encode_image, shard_dir, transform=teacher_model.preprocess,
+                                         batch_size=batch_size, device=device, precision=precision,
+                                         with_labels=True, num_workers=num_workers, desc="source features")
+        feats, labels = feats.to(device), labels.to(device)
+    trainable = teacher.trainable_parameters()
+    optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
-    contexts, log = [], []
+    weights = {k: config[k] for k in ("text_weight", "image_weight", "kl_weight")}
+    states, log, n_source = [], [], 0
     for epoch in tqdm(range(1, epochs + 1), desc="prompt epochs", unit="epoch"):
+        teacher.train()
+        model.eval()
         start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
-        order = torch.randperm(len(labels), generator=generator).to(device)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            with autocast(teacher.spec.precision, device):
-                logits = scale * feats[idx] @ prompt().t()
-            loss = F.cross_entropy(logits.float(), labels[idx])
+        if visual:
+            batches = ((images, None, y) for _, images, y in image_loader(
+                shard_dir, transform=teacher_model.preprocess, batch_size=batch_size, shuffle=True, seed=seed,
+                epoch=epoch, with_labels=True, num_workers=num_workers))
+        else:
+            batches = _cached_batches(feats, labels, batch_size, generator)
+        for images, image_feats, y in batches:
+            y = y.to(device)
+            with autocast(precision, device):
+                text = teacher.class_vectors()
+                if visual:
+                    images = images.to(device)
+                    image_feats = teacher.image_features(images)
+                    zs_image = None
+                    if weights["image_weight"] or weights["kl_weight"]:
+                        with torch.no_grad():
+                            zs_image = F.normalize(model.encode_image(images).float(), dim=-1)
+                else:
+                    zs_image = image_feats
+                logits = scale * image_feats.float() @ text.float().t()
+            loss, _ = teacher_step_loss(logits, y, text=text, image=image_feats, zs_text=zs_text, zs_image=zs_image,
+                                        scale=scale, **weights)
             check_finite(loss, where=f"prompts epoch {epoch}", checkpoint=None)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == labels[idx]).sum().item()
-            seen += len(idx)
+            total += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        n_source = seen
         lr_used = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        contexts.append(prompt.ctx.detach().cpu().clone())
+        states.append(teacher.trainable_state())
         log.append({"epoch": epoch, "loss": total / seen, "source_train_acc": 100.0 * correct / seen,
                     "lr": lr_used, "seconds": time.perf_counter() - start})
-    return {"contexts": torch.stack(contexts), "log": log, "n_source": int(len(labels)),
-            "logit_scale": scale}
-
+    gpa = config["gpa_mean"] > 0
+    reported = (aggregate_states(states, gaussian_weights(epochs, config["gpa_mean"], config["gpa_std"]))
+                if gpa else states[-1])
+    return {"states": states, "reported": reported, "gpa": gpa, "log": log, "n_source": n_source,
+            "logit_scale": scale, "trainable_params": sum(p.numel() for p in trainable)}

@@ -23,39 +23,37 @@ from pipeline.config import LOCATIONS, PROMPT_INITS
 
 
 
-class PromptedTextEncoder(nn.Module):
-    """Class text vectors of a frozen open_clip text tower with a learnable shared context."""
+class PromptTokens(nn.Module):
+    """Tokenised prompts (one per row) whose tokens 1..n_ctx are replaced by given context vectors.
 
-    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], *, template: str, n_ctx: int,
-                 init: str = "word", init_std: float = 0.02, class_specific: bool = False):
+    Holds no learnable parameters: :class:`PromptedTextEncoder` and DAPL's prompt learner own the contexts
+    and call :meth:`encode`.
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, prompts: list[str], *, n_ctx: int, prefix: str):
         super().__init__()
-        if init not in PROMPT_INITS:
-            raise ValueError(f"prompt init {init!r} is not one of {PROMPT_INITS}")
-        if "{}" not in template:
-            raise ValueError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
         self.clip = clip
         # the tokenizer returns CPU ids; the embedding lookup needs them where the (frozen) CLIP lives
-        tokens = tokenizer([template.format(name) for name in classnames]).to(clip.token_embedding.weight.device)
-        prefix_len = len(tokenizer.encode(template.split("{}")[0])) if hasattr(tokenizer, "encode") else n_ctx
+        tokens = tokenizer(prompts).to(clip.token_embedding.weight.device)
+        prefix_len = len(tokenizer.encode(prefix)) if hasattr(tokenizer, "encode") else n_ctx
         if n_ctx > prefix_len:
-            raise ValueError(f"n_ctx={n_ctx} but the template {template!r} has only {prefix_len} tokens before the "
-                             f"class name; lengthen the template (e.g. 'X X X X {{}}.') or lower n_ctx")
+            raise ValueError(f"n_ctx={n_ctx} but the prompt prefix {prefix!r} has only {prefix_len} tokens before "
+                             f"the class name; lengthen the template (e.g. 'X X X X {{}}.') or lower n_ctx")
         self.register_buffer("tokens", tokens, persistent=False)
         self.n_ctx = n_ctx
-        with torch.no_grad():
-            words = clip.token_embedding(tokens[:1, 1:1 + n_ctx])[0].float()
-        ctx = words.clone() if init == "word" else torch.randn_like(words) * init_std
-        if class_specific:  # [C, n_ctx, width]: every class starts from the same context
-            ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
-        self.ctx = nn.Parameter(ctx)
 
-    def forward(self) -> torch.Tensor:
-        """L2-normalised class text vectors, shape [C, embed_dim]."""
+    def word_embeddings(self) -> torch.Tensor:
+        """Embeddings of the words the context replaces (of the first prompt), [n_ctx, width]."""
+        with torch.no_grad():
+            return self.clip.token_embedding(self.tokens[:1, 1:1 + self.n_ctx])[0].float()
+
+    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text vectors [P, embed_dim]; ``ctx`` is [n_ctx, width] (shared) or [P, n_ctx, width]."""
         clip = self.clip
         cast_dtype = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(self.tokens).to(cast_dtype)
         if self.n_ctx:
-            ctx = self.ctx.to(cast_dtype)
+            ctx = ctx.to(cast_dtype)
             ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
         x = x + clip.positional_embedding.to(cast_dtype)
@@ -64,6 +62,34 @@ class PromptedTextEncoder(nn.Module):
         x = text_global_pool(x, self.tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
         return F.normalize(x.float(), dim=-1)
+
+
+def check_template(template: str) -> None:
+    if "{}" not in template:
+        raise ValueError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
+
+
+class PromptedTextEncoder(nn.Module):
+    """Class text vectors of a frozen open_clip text tower with a learnable (CoOp) context."""
+
+    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], *, template: str, n_ctx: int,
+                 init: str = "word", init_std: float = 0.02, class_specific: bool = False):
+        super().__init__()
+        if init not in PROMPT_INITS:
+            raise ValueError(f"prompt init {init!r} is not one of {PROMPT_INITS}")
+        check_template(template)
+        self.prompts = PromptTokens(clip, tokenizer, [template.format(name) for name in classnames], n_ctx=n_ctx,
+                                    prefix=template.split("{}")[0])
+        self.n_ctx = n_ctx
+        words = self.prompts.word_embeddings()
+        ctx = words.clone() if init == "word" else torch.randn_like(words) * init_std
+        if class_specific:  # [C, n_ctx, width]: every class starts from the same context
+            ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
+        self.ctx = nn.Parameter(ctx)
+
+    def forward(self) -> torch.Tensor:
+        """L2-normalised class text vectors, shape [C, embed_dim]."""
+        return self.prompts.encode(self.ctx)
 
 
 class PromptedVisionEncoder(nn.Module):
@@ -133,14 +159,82 @@ class PromptedStudent(nn.Module):
         student_dim = visual.proj.shape[1] if visual.proj is not None else visual.conv1.out_channels
         self.projector = Projector(student_dim, teacher_dim)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Projected features in the teacher's space before normalisation, [B, teacher_dim]."""
+        return self.projector(self.encoder(images).float())
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised features in the teacher's space, shape [B, teacher_dim]."""
-        return F.normalize(self.projector(self.encoder(images).float()), dim=-1)
+        return F.normalize(self.embed(images), dim=-1)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Prompts and projector; the backbone stays frozen."""
-        return [p for n, p in self.named_parameters() if not n.startswith("encoder.visual.")]
+        return own_parameters(self, self.encoder.visual)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only what training changes (prompts, projector incl. BN statistics): small checkpoints."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.visual.")}
+        return own_state(self, self.encoder.visual)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_own_state(self, self.encoder.visual, state)
+
+
+class PromptedTeacher(nn.Module):
+    """A frozen CLIP with a learnable text context and optional shallow visual prompts (CoOp, VPT, both).
+
+    ``n_ctx=0`` keeps the plain template (visual prompts only); ``visual_tokens=0`` keeps the plain image
+    encoder (text prompts only, CoOp).
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], *, template: str, n_ctx: int,
+                 init: str = "word", class_specific: bool = False, visual_tokens: int = 0,
+                 visual_location: str = "middle"):
+        super().__init__()
+        self.clip = clip
+        self.text = PromptedTextEncoder(clip, tokenizer, classnames, template=template, n_ctx=n_ctx, init=init,
+                                        class_specific=class_specific)
+        self.vision = (PromptedVisionEncoder(clip.visual, n_tokens=visual_tokens, location=visual_location)
+                       if visual_tokens else None)
+
+    def class_vectors(self) -> torch.Tensor:
+        """L2-normalised class text vectors [C, D]."""
+        return self.text()
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image features [B, D], through the visual prompts when there are any."""
+        out = self.vision(images) if self.vision is not None else self.clip.encode_image(images)
+        return F.normalize(out.float(), dim=-1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return own_parameters(self, self.clip)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return own_state(self, self.clip)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_own_state(self, self.clip, state)
+
+
+def _frozen_ids(frozen: nn.Module) -> set[int]:
+    return {id(t) for t in frozen.state_dict(keep_vars=True).values()}
+
+
+def own_parameters(module: nn.Module, frozen: nn.Module) -> list[nn.Parameter]:
+    """Parameters of ``module`` that are not part of the frozen backbone ``frozen``."""
+    ids = _frozen_ids(frozen)
+    return [p for p in module.parameters() if id(p) not in ids]
+
+
+def own_state(module: nn.Module, frozen: nn.Module) -> dict[str, torch.Tensor]:
+    """State entries (parameters and buffers) of ``module`` outside ``frozen``, detached on the CPU."""
+    ids = _frozen_ids(frozen)
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict(keep_vars=True).items() if id(v) not in ids}
+
+
+def load_own_state(module: nn.Module, frozen: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a state saved by :func:`own_state`; every trainable entry must be there, nothing else."""
+    expected = set(own_state(module, frozen))
+    if set(state) != expected:
+        raise ValueError(f"saved prompt state does not fit this model: missing {sorted(expected - set(state))}, "
+                         f"unexpected {sorted(set(state) - expected)}")
+    module.load_state_dict(state, strict=False)
