@@ -4,6 +4,9 @@
   scratch copy; prints the results table.
 * ``uda-distill fetch-weights [--params params.yaml]``: download the teacher and student weights named in
   the params into the open_clip cache, so later runs work offline (``HF_HUB_OFFLINE=1``).
+* ``uda-distill info [--params params.yaml] [--method M] [--teacher NAME] [--student NAME] [--classes C]
+  [-S key=value ...]``: trainable and stored parameter counts of a method's learnable parts, built from the
+  architectures alone (no weights are downloaded or loaded).
 """
 from __future__ import annotations
 
@@ -37,6 +40,41 @@ def _fetch_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipeline.config import load_params, validate_params
+    from pipeline.methods.param_counts import method_parameter_counts
+
+    params = load_params(args.params)
+    overrides = list(args.set)
+    for key, value in (("distill.method", args.method), ("model.teacher.name", args.teacher),
+                       ("model.student.name", args.student)):
+        if value:
+            overrides.append(f"{key}={value}")
+    for item in overrides:  # same spelling as `dvc exp run -S key=value`
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"-S {item!r}: expected key=value, e.g. distill.n_tokens=2")
+        node, *path = key.split(".")
+        parent = params
+        for part in [node, *path][:-1]:
+            if not isinstance(parent.get(part), dict):
+                raise SystemExit(f"-S {item!r}: {part!r} is not a section of {args.params}")
+            parent = parent[part]
+        parent[key.split(".")[-1]] = yaml.safe_load(value)
+    validate_params(params, source=f"{args.params} with {overrides}")
+    rows = method_parameter_counts(params, n_classes=args.classes)
+    width = max(len(r["part"]) for r in rows)
+    print(f"method {params['distill']['method']}, {args.classes} classes")
+    print(f"{'part':<{width}}  {'model':<26} {'trainable':>12} {'stored':>12}")
+    for r in rows:
+        print(f"{r['part']:<{width}}  {r['model']:<26} {r['trainable']:>12,} {r['stored']:>12,}")
+    print(f"{'total':<{width}}  {'':<26} {sum(r['trainable'] for r in rows):>12,} "
+          f"{sum(r['stored'] for r in rows):>12,}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="uda-distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     fetch = sub.add_parser("fetch-weights", help="cache the weights named in params.yaml (needs internet)")
     fetch.add_argument("--params", default="params.yaml", type=Path)
     fetch.set_defaults(func=_fetch_weights)
+    info = sub.add_parser("info", help="trainable/stored parameter counts of a method (no weights needed)")
+    info.add_argument("--params", default="params.yaml", type=Path)
+    info.add_argument("--method", help="override distill.method")
+    info.add_argument("--teacher", help="override model.teacher.name (an open_clip architecture)")
+    info.add_argument("--student", help="override model.student.name")
+    info.add_argument("--classes", type=int, default=10, help="number of classes (matters for class-specific contexts)")
+    info.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a params key, e.g. -S distill.n_tokens=2 (repeatable)")
+    info.set_defaults(func=_info)
     args = parser.parse_args(argv)
     return args.func(args)
 

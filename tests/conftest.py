@@ -41,3 +41,24 @@ def digits_shards(tmp_path_factory):
         write_domain_shards(root / "raw" / domain, out[domain], dataset="digits", domain=domain,
                             classes=load_classlist("digits"), maxcount=25, seed=0)
     return out
+
+
+def copy_without_labels(shards, dst):
+    """A copy of a shard folder whose ``.cls`` members are garbage: code that read labels would crash."""
+    import io
+    import tarfile
+
+    from pipeline.data.shards import read_manifest
+
+    dst.mkdir(parents=True)
+    for name in read_manifest(shards)["shards"]:
+        with tarfile.open(shards / name) as src, tarfile.open(dst / name, "w") as out:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                if member.name.endswith(".cls"):
+                    data = b"not-a-label"
+                    member.size = len(data)
+                out.addfile(member, io.BytesIO(data))
+    for extra in ("manifest.json", "sizes.json"):
+        (dst / extra).write_bytes((shards / extra).read_bytes())
+    return dst

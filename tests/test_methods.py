@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import copy_without_labels
 
 from pipeline.data.classlists import load_classlist, prompt_name
-from pipeline.data.shards import read_manifest
 from pipeline.features.cache import encode_images, logits
 from pipeline.methods.common import TrainingDiverged, check_finite
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
@@ -58,22 +58,7 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
     keys, feats = encode_images(teacher, shards, batch_size=32, device="cpu")
     W = np.eye(10, 64, dtype=np.float32)  # any fixed unit class vectors
     cached = KeyedRows(keys, logits(feats, W, 20.0))
-    # corrupt the labels inside copied shards: a distillation that read them would crash
-    import io
-    import tarfile
-    garbage = tmp_path / "shards"
-    garbage.mkdir()
-    for name in read_manifest(shards)["shards"]:
-        with tarfile.open(shards / name) as src, tarfile.open(garbage / name, "w") as dst:
-            for member in src.getmembers():
-                data = src.extractfile(member).read()
-                if member.name.endswith(".cls"):
-                    data = b"not-a-label"
-                    member.size = len(data)
-                dst.addfile(member, io.BytesIO(data))
-    for extra in ("manifest.json", "sizes.json"):
-        (garbage / extra).write_bytes((shards / extra).read_bytes())
-
+    garbage = copy_without_labels(shards, tmp_path / "shards")  # a distillation that read labels would crash
     loss = build_distill_loss({**LOSS_DEFAULTS, "temperature": 2.0}, n_classes=10, feature_dim=64)
     args = dict(student_model=student, class_vectors=W, logit_scale=20.0, teacher_logits=cached,
                 teacher_features=None, loss=loss, shard_dir=garbage, epochs=3, batch_size=16, lr=0.05,

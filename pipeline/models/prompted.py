@@ -225,15 +225,20 @@ def own_parameters(module: nn.Module, frozen: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if id(p) not in ids]
 
 
-def own_state(module: nn.Module, frozen: nn.Module) -> dict[str, torch.Tensor]:
-    """State entries (parameters and buffers) of ``module`` outside ``frozen``, detached on the CPU."""
+def own_entries(module: nn.Module, frozen: nn.Module) -> dict[str, torch.Tensor]:
+    """State entries (parameters and buffers) of ``module`` outside ``frozen``, as the live tensors."""
     ids = _frozen_ids(frozen)
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict(keep_vars=True).items() if id(v) not in ids}
+    return {k: v for k, v in module.state_dict(keep_vars=True).items() if id(v) not in ids}
+
+
+def own_state(module: nn.Module, frozen: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of ``module``: :func:`own_entries`, detached copies on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in own_entries(module, frozen).items()}
 
 
 def load_own_state(module: nn.Module, frozen: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a state saved by :func:`own_state`; every trainable entry must be there, nothing else."""
-    expected = set(own_state(module, frozen))
+    expected = set(own_entries(module, frozen))
     if set(state) != expected:
         raise ValueError(f"saved prompt state does not fit this model: missing {sorted(expected - set(state))}, "
                          f"unexpected {sorted(set(state) - expected)}")

@@ -1,0 +1,61 @@
+"""`uda-distill info`: parameter counts built on the meta device must equal the spec's figures (methods.md)."""
+import copy
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_params
+from pipeline.methods.param_counts import method_parameter_counts
+
+B16, L14 = "ViT-B-16-quickgelu", "ViT-L-14-quickgelu"
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load_params("params.yaml")
+
+
+def _counts(base, method, teacher, student=B16, **distill):
+    p = copy.deepcopy(base)
+    p["distill"]["method"] = method
+    p["model"]["teacher"]["name"], p["model"]["student"]["name"] = teacher, student
+    for key, value in distill.items():
+        section, _, name = key.rpartition("__")
+        (p[section] if section in ("prompts",) else p["distill"][section] if section else p["distill"])[name] = value
+    return {r["part"].split(" ")[0]: r for r in method_parameter_counts(p)}
+
+
+def test_ekda_with_two_tokens_matches_the_spec(base):
+    rows = _counts(base, "ekda", L14, n_tokens=2, depth=12, location="middle", ekda__n_ctx=2, ekda__visual_tokens=2)
+    assert rows["student"]["trainable"] == 1_004_544  # 1,536 + 16,896 + 986,112
+    assert rows["student"]["stored"] == 1_004_544 + 2 * 768 + 1  # + BatchNorm running mean/var and counter
+    assert rows["teacher"]["trainable"] == 3_584  # 2x768 text + 2x1024 visual
+
+
+def test_ekda_default_four_tokens_matches_the_spec(base):
+    rows = _counts(base, "ekda", L14, n_tokens=4, depth=12, location="middle")
+    assert rows["student"]["trainable"] == 1_022_976
+
+
+def test_promptkd_student_and_coop_teacher_match_the_spec(base):
+    rows = _counts(base, "promptkd", L14, n_tokens=4, depth=9, location="append")
+    assert rows["student"]["trainable"] == 1_013_760  # 4x768x9 + 986,112
+    coop = _counts(base, "promptkd", B16, prompts__n_ctx=16)
+    assert coop["teacher"]["trainable"] == 8_192  # CoOp M=16 on ViT-B/16
+
+
+def test_dapl_matches_the_spec(base):
+    rows = _counts(base, "dapl", B16, dapl__n_ctx=16, dapl__n_domain_ctx=16)
+    assert rows["domain-agnostic"]["trainable"] == 24_576
+    csc = _counts(base, "dapl", B16, dapl__class_specific=True)
+    assert csc["domain-agnostic"]["trainable"] == 10 * 16 * 512 + 2 * 16 * 512
+
+
+def test_info_command_prints_the_table(capsys):
+    assert main(["info", "--method", "dapl", "--teacher", B16, "-S", "distill.dapl.n_ctx=16"]) == 0
+    out = capsys.readouterr().out
+    assert "method dapl" in out and "24,576" in out
+    with pytest.raises(SystemExit, match="expected key=value"):
+        main(["info", "-S", "distill.n_tokens"])
+    with pytest.raises(Exception, match="distill.n_tokens: expected an integer"):
+        main(["info", "-S", "distill.n_tokens=many"])
