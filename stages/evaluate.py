@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
             y = labels_in_order(params, task["dataset"], task["target"], student_keys)
             models["student"] = {"target": epoch_summary(y, np.load(distilled / name / "predictions.npy"),
                                                          len(classes))}
-            result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "models": models}
+            method = read_json(distilled / name / "train_log.json")["method"]
+            result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "method": method,
+                      "models": models}
             atomic_write_json(tmp / name / "metrics.json", result)
             return models["student"]["target"]["last"]["acc"]
 

@@ -115,3 +115,46 @@ def test_student_outputs_normalised_teacher_space_features(tiny):
     assert feats.shape == (4, 96) and torch.allclose(feats.norm(dim=-1), torch.ones(4), atol=1e-5)
     state = student.trainable_state()
     assert "encoder.prompts" in state and not any(k.startswith("encoder.visual.") for k in state)
+
+
+@pytest.fixture(scope="module")
+def vit_b32():
+    torch.manual_seed(0)
+    return load_model(ModelSpec(name="ViT-B-32-quickgelu", pretrained="random"))
+
+
+def test_prompt_wrappers_reproduce_a_real_vit_b32_exactly(vit_b32):
+    m = vit_b32.model
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        for location in ("middle", "append"):
+            assert torch.equal(PromptedVisionEncoder(m.visual, n_tokens=0, location=location)(x), m.encode_image(x))
+        names = ["dog", "clip art"]
+        ref = F.normalize(m.encode_text(vit_b32.tokenizer([f"a photo of a {n}." for n in names])), dim=-1)
+        enc = PromptedTextEncoder(m, vit_b32.tokenizer, names, template="a photo of a {}.", n_ctx=4)
+        assert torch.allclose(enc(), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("location", ["middle", "append"])
+def test_deep_prompts_replace_tokens_and_keep_the_sequence_length(vit_b32, location):
+    visual = vit_b32.model.visual
+    enc = PromptedVisionEncoder(visual, n_tokens=2, location=location, depth=3)
+    lengths = []
+    hooks = [b.register_forward_pre_hook(lambda _m, a, kw=None: lengths.append(a[0].shape[1]))
+             for b in visual.transformer.resblocks]
+    with torch.no_grad():
+        enc(torch.randn(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    assert lengths == [1 + 49 + 2] * 12  # CLS + 7x7 patches + 2 prompts at every one of the 12 layers
+
+
+def test_vit_l14_widths_and_depth_on_the_meta_device():
+    from pipeline.methods.param_counts import meta_model
+
+    clip = meta_model("ViT-L-14-quickgelu")
+    enc = PromptedVisionEncoder(clip.visual, n_tokens=2, location="middle", depth=24)
+    assert tuple(enc.prompts.shape) == (24, 2, 1024)  # every layer of ViT-L/14, visual width 1024
+    assert clip.token_embedding.weight.shape[1] == 768 and clip.text_projection.shape == (768, 768)
+    with pytest.raises(ValueError, match="between 1 and the model's 24 layers"):
+        PromptedVisionEncoder(clip.visual, n_tokens=2, depth=25)

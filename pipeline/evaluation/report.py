@@ -107,7 +107,8 @@ def _results(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for model, (_, epochs) in MODELS.items():
         keys = ("acc", "mean_class_acc") + (("best_acc", "best_mean_class_acc") if epochs else ())
         mean[model] = {"target": {k: _r(np.mean([tasks[t][model]["target"][k] for t in tasks])) for k in keys}}
-    return {"tasks": tasks, "mean": mean}
+    methods = sorted({str(m["method"]) for m in task_metrics.values() if "method" in m})
+    return {"tasks": tasks, "mean": mean, **({"method": ", ".join(methods)} if methods else {})}
 
 
 def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any]) -> str:
@@ -129,6 +130,10 @@ def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any]) 
     lines += ["", NOTE]
     best_epochs = ", ".join(f"{t}: {results['tasks'][t]['student']['target']['best_epoch']}" for t in task_metrics)
     lines += ["", f"Student best (oracle) epoch per task: {best_epochs}."]
+    methods = sorted({str(m["method"]) for m in task_metrics.values() if "method" in m})
+    if methods:
+        lines += ["", f"Adaptation method (`distill.method`): {', '.join(methods)}. The student columns are the "
+                      "adapted model (for dapl: the teacher CLIP with its learned domain prompts)."]
     protocols = sorted({str(m["protocol"]) for m in task_metrics.values() if "protocol" in m})
     if protocols:
         lines += ["", "Protocol: " + "; ".join(protocols)]

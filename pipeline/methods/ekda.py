@@ -53,6 +53,9 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                eval_batch_size: int = 128) -> dict[str, Any]:
     """Train teacher prompts and student together; per-epoch target predictions of the student, and both states."""
     source_dir, target_dir = Path(source_dir), Path(target_dir)
+    if student_model.identity["preprocess"] != teacher_model.identity["preprocess"]:
+        raise ValueError("EKDA feeds one target batch to teacher and student, so their preprocessing must match: "
+                         f"teacher {teacher_model.identity['preprocess']}, student {student_model.identity['preprocess']}")
     scale, t_prec, s_prec = teacher_model.logit_scale, teacher_model.spec.precision, student_model.spec.precision
     config = {"template": ekda["template"], "n_ctx": ekda["n_ctx"], "init": ekda["init"], "class_specific": False,
               "visual_tokens": ekda["visual_tokens"], "visual_location": "middle"}
@@ -72,9 +75,6 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
     weights = {k: ekda[k] for k in ("text_weight", "image_weight", "kl_weight")}
     targets = _target_batches(target_dir, transform=student_model.preprocess, batch_size=batch_size, seed=seed,
                               num_workers=num_workers)
-    if student_model.identity["preprocess"] != teacher_model.identity["preprocess"]:
-        raise ValueError("EKDA feeds one target batch to teacher and student, so their preprocessing must match: "
-                         f"teacher {teacher_model.identity['preprocess']}, student {student_model.identity['preprocess']}")
     recorder = EpochRecorder(n_classes=len(classnames), collapse_fraction=collapse_fraction,
                              checkpoint_path=checkpoint_path, where="ekda")
     for epoch in tqdm(range(1, epochs + 1), desc="ekda epochs", unit="epoch"):
@@ -84,44 +84,16 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
         source = image_loader(source_dir, transform=teacher_model.preprocess, batch_size=batch_size, shuffle=True,
                               seed=seed, epoch=epoch, with_labels=True, num_workers=num_workers)
         for s_keys, s_images, s_labels in tqdm(source, desc=f"epoch {epoch}", unit="iter", leave=False):
-            # teacher step: labelled source batch
-            teacher.train()
-            teacher.clip.eval()
-            y = s_labels.to(device)
-            with autocast(t_prec, device):
-                text = teacher.class_vectors()
-                f_t = teacher.image_features(s_images.to(device))
-            z = scale * f_t.float() @ text.float().t()
-            t_loss, _ = teacher_step_loss(z, y, text=text, image=f_t, zs_text=zs_text_t,
-                                          zs_image=source_zs_features(s_keys).to(device), scale=scale, **weights)
-            check_finite(t_loss, where=f"ekda teacher step, epoch {epoch}", checkpoint=_kept(checkpoint_path, epoch))
-            opt_t.zero_grad(set_to_none=True)
-            t_loss.backward()
-            opt_t.step()
-            # student step: unlabelled target batch, teacher frozen for this step
+            t_loss, z = teacher_step(teacher, opt_t, s_images.to(device), s_labels.to(device),
+                                     zs_text=zs_text_t, zs_image=source_zs_features(s_keys).to(device), scale=scale,
+                                     precision=t_prec, weights=weights, where=f"ekda teacher step, epoch {epoch}",
+                                     checkpoint=_kept(checkpoint_path, epoch))
             t_keys, t_images = next(targets)
-            t_images = t_images.to(device)
-            teacher.eval()
-            with torch.no_grad(), autocast(t_prec, device):
-                text = teacher.class_vectors().float()
-                g_t = teacher.image_features(t_images).float()
-            z_t = scale * g_t @ text.t()
-            probs = z_t.softmax(1)
-            pseudo = (refiner(t_keys, probs).to(device) if refiner is not None else probs).argmax(1)
-            student.train()
-            loss.train()
-            student.encoder.visual.eval()
-            with autocast(s_prec, device):
-                f_s = student.embed(t_images).float()
-            g_s = F.normalize(f_s, dim=-1)
-            z_s = scale * g_s @ text.t()
-            kd, _ = loss(z_s, z_t, f_s=f_s, f_t=g_t, class_centers=text)
-            s_loss = (kd + ekda["ce_weight"] * F.cross_entropy(z_s, pseudo)
-                      + ekda["align_weight"] * (g_t - g_s).pow(2).sum(1).mean())
-            check_finite(s_loss, where=f"ekda student step, epoch {epoch}", checkpoint=_kept(checkpoint_path, epoch))
-            opt_s.zero_grad(set_to_none=True)
-            s_loss.backward()
-            opt_s.step()
+            s_loss, z_s, z_t = student_step(teacher, student, loss, opt_s, t_images.to(device), scale=scale,
+                                            precisions=(t_prec, s_prec), ekda=ekda, keys=t_keys, refiner=refiner,
+                                            where=f"ekda student step, epoch {epoch}",
+                                            checkpoint=_kept(checkpoint_path, epoch))
+            y = s_labels.to(z.device)
             steps += 1
             sums["teacher_loss"] += t_loss.item()
             sums["student_loss"] += s_loss.item()
@@ -145,6 +117,58 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
     return {**recorder.result(), "state": _state(teacher, student, loss), "class_vectors": W,
             "trainable_params": trainable["student"] + trainable["teacher"], "trainable_by_part": trainable,
             "teacher_config": config}
+
+
+def teacher_step(teacher, optimizer, images: torch.Tensor, labels: torch.Tensor, *, zs_text: torch.Tensor,
+                 zs_image: torch.Tensor, scale: float, precision: str, weights: dict[str, float], where: str = "",
+                 checkpoint: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher update on a labelled source batch; returns the loss and the source logits."""
+    teacher.train()
+    teacher.clip.eval()  # frozen CLIP: its dropout/norm layers stay in eval mode
+    with autocast(precision, images.device.type):
+        text = teacher.class_vectors()
+        f_t = teacher.image_features(images)
+    z = scale * f_t.float() @ text.float().t()
+    loss, _ = teacher_step_loss(z, labels, text=text, image=f_t, zs_text=zs_text, zs_image=zs_image, scale=scale,
+                                **weights)
+    check_finite(loss, where=where, checkpoint=checkpoint)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), z.detach()
+
+
+def student_step(teacher, student, loss_fn: DistillLoss, optimizer, images: torch.Tensor, *, scale: float,
+                 precisions: tuple[str, str], ekda: dict[str, Any], keys: list[str] | None = None,
+                 refiner: KnnRefiner | None = None, where: str = "", checkpoint: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One student update on an unlabelled target batch, teacher outputs without gradient.
+
+    Returns the loss, the student logits and the teacher logits.
+    """
+    device = images.device.type
+    teacher.eval()
+    with torch.no_grad(), autocast(precisions[0], device):
+        text = teacher.class_vectors().float()
+        g_t = teacher.image_features(images).float()
+    z_t = scale * g_t @ text.t()
+    probs = z_t.softmax(1)
+    pseudo = (refiner(keys, probs).to(z_t.device) if refiner is not None else probs).argmax(1)
+    student.train()
+    loss_fn.train()
+    student.encoder.visual.eval()
+    with autocast(precisions[1], device):
+        f_s = student.embed(images).float()
+    g_s = F.normalize(f_s, dim=-1)
+    z_s = scale * g_s @ text.t()
+    kd, _ = loss_fn(z_s, z_t, f_s=f_s, f_t=g_t, class_centers=text)
+    loss = (kd + ekda["ce_weight"] * F.cross_entropy(z_s, pseudo)
+            + ekda["align_weight"] * (g_t - g_s).pow(2).sum(1).mean())
+    check_finite(loss, where=where, checkpoint=checkpoint)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), z_s.detach(), z_t
 
 
 def _kept(checkpoint_path, epoch: int) -> str | None:
