@@ -55,7 +55,7 @@ def _info(args: argparse.Namespace) -> int:
     for item in overrides:  # same spelling as `dvc exp run -S key=value`
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"-S {item!r}: expected key=value, e.g. distill.n_tokens=2")
+            raise SystemExit(f"-S {item!r}: expected key=value, e.g. distill.ekda.n_tokens=2")
         node, *path = key.split(".")
         parent = params
         for part in [node, *path][:-1]:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--student", help="override model.student.name")
     info.add_argument("--classes", type=int, default=10, help="number of classes (matters for class-specific contexts)")
     info.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a params key, e.g. -S distill.n_tokens=2 (repeatable)")
+                      help="override a params key, e.g. -S distill.ekda.n_tokens=2 (repeatable)")
     info.set_defaults(func=_info)
     args = parser.parse_args(argv)
     return args.func(args)

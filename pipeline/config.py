@@ -114,6 +114,8 @@ LOSS = {"name": _str(LOSS_NAMES), "weight": _float(0.0), "reduction": _str(KD_RE
         "sinkhorn_epsilon": _float(1e-6), "sinkhorn_iters": _int(1), "dual_alpha": _float(0.0),
         "dual_beta": _float(1e-6)}
 
+STUDENT = {"n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(0)}  # student visual prompts
+
 SCHEMA: dict[str, Any] = {
     "seed": _int(0),
     "paths": {k: _str() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
@@ -133,9 +135,9 @@ SCHEMA: dict[str, Any] = {
                 "text_weight": _float(0.0), "image_weight": _float(0.0), "kl_weight": _float(0.0),
                 "gpa_mean": _float(0.0), "gpa_std": _float(1e-6)},
     "features": {"templates": _str_list(template=True), "batch_size": _int(1), "faiss_index": _str(FAISS_INDEXES)},
-    "distill": {**SGD, "method": _str(METHODS), "n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(1),
-                "loss": LOSS, "refine_knn": _int(0), "collapse_fraction": _float(0.0),
-                "ekda": {"template": _template(), "n_ctx": _int(1), "init": _str(PROMPT_INITS),
+    "distill": {**SGD, "method": _str(METHODS), "loss": LOSS, "refine_knn": _int(0),
+                "collapse_fraction": _float(0.0), "promptkd": STUDENT,
+                "ekda": {**STUDENT, "template": _template(), "n_ctx": _int(1), "init": _str(PROMPT_INITS),
                          "visual_tokens": _int(1), "teacher_lr": _float(0.0), "text_weight": _float(0.0),
                          "image_weight": _float(0.0), "kl_weight": _float(0.0), "ce_weight": _float(0.0),
                          "align_weight": _float(0.0)},
@@ -218,10 +220,11 @@ def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
                     errors.append(f"standins.domains: {domain!r} is the target of a task; stand-ins must be "
                                   f"pretrained on other domains than the tasks' targets")
     d = p["distill"]
-    if d["n_tokens"] == 0 and d["depth"] != 1:
-        errors.append("distill.depth: deep prompts need distill.n_tokens > 0")
-    if d["method"] == "ekda" and d["n_tokens"] == 0:
-        errors.append("distill.n_tokens: EKDA's student learns visual prompts; expected > 0")
+    for method in ("promptkd", "ekda"):
+        if d[method]["n_tokens"] == 0 and d[method]["depth"] not in (0, 1):
+            errors.append(f"distill.{method}.depth: deep prompts need distill.{method}.n_tokens > 0")
+    if d["ekda"]["n_tokens"] == 0:
+        errors.append("distill.ekda.n_tokens: EKDA's student learns visual prompts; expected > 0")
     if not 0.0 < d["collapse_fraction"] <= 1.0:
         errors.append(f"distill.collapse_fraction: expected a fraction in (0, 1], got {d['collapse_fraction']!r}")
     if d["loss"]["dual_alpha"] > 1.0:

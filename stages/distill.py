@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
                           weight_decay=d["weight_decay"], seed=params["seed"], device=device,
                           collapse_fraction=d["collapse_fraction"], deterministic=rt["deterministic"],
                           checkpoint_path=Path(params["paths"]["checkpoints"]) / STAGE / name / "last_good.pt")
-            student_args = dict(n_tokens=d["n_tokens"], location=d["location"], depth=d["depth"],
-                                num_workers=rt["num_workers"], eval_batch_size=params["evaluate"]["batch_size"])
+            student_args = dict(**{k: d[method][k] for k in ("n_tokens", "location", "depth")} if method != "dapl"
+                                else {}, num_workers=rt["num_workers"],
+                                eval_batch_size=params["evaluate"]["batch_size"])
 
             def refiner(probs: np.ndarray) -> KnnRefiner | None:
                 return KnnRefiner(target_keys, target_feats, probs, k=d["refine_knn"]) if d["refine_knn"] else None

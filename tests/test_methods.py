@@ -5,6 +5,7 @@ import torch
 from conftest import copy_without_labels
 
 from pipeline.data.classlists import load_classlist, prompt_name
+from pipeline.data.shards import read_labels
 from pipeline.features.cache import encode_images, logits
 from pipeline.methods.common import TrainingDiverged, check_finite
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
@@ -93,3 +94,20 @@ def test_class_specific_context_has_one_context_per_class(teacher, digits_shards
     out = _coop(teacher, digits_shards["usps"], class_specific=True, epochs=2)
     assert _ctx(out).shape == (2, 10, 4, 64)
     assert not torch.equal(_ctx(out)[-1, 0], _ctx(out)[-1, 1])  # classes moved apart
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_student_trains_under_autocast_precision_and_records_it(digits_shards, precision):
+    torch.manual_seed(1)
+    student = load_model(ModelSpec(name="digits-vit-student", pretrained="random", precision=precision))
+    assert student.identity["precision"] == precision  # travels into every checkpoint with the identity
+    shard_keys, _ = read_labels(digits_shards["mnist"])  # keys only: the test sets its own teacher logits
+    W = np.eye(10, 64, dtype=np.float32)
+    z_t = np.random.default_rng(0).normal(size=(60, 10)).astype(np.float32) * 5
+    out = distill_promptkd(student_model=student, class_vectors=W, logit_scale=20.0,
+                           teacher_logits=KeyedRows(shard_keys, z_t), teacher_features=None,
+                           loss=build_distill_loss(LOSS_DEFAULTS, n_classes=10, feature_dim=64),
+                           shard_dir=digits_shards["mnist"], epochs=1, batch_size=16, lr=0.05, momentum=0.9,
+                           weight_decay=0.0, n_tokens=2, location="middle", depth=0, seed=0, device="cpu")
+    assert np.isfinite(out["log"][0]["loss"]) and out["predictions"].shape == (1, 60)
+    assert out["state"]["student"]["encoder.prompts"].shape == (2, 2, 32)  # depth 0: every layer (2 here)

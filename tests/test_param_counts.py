@@ -26,19 +26,19 @@ def _counts(base, method, teacher, student=B16, **distill):
 
 
 def test_ekda_with_two_tokens_matches_the_spec(base):
-    rows = _counts(base, "ekda", L14, n_tokens=2, depth=12, location="middle", ekda__n_ctx=2, ekda__visual_tokens=2)
+    rows = _counts(base, "ekda", L14, ekda__n_tokens=2, ekda__n_ctx=2, ekda__visual_tokens=2)  # defaults: middle, all
     assert rows["student"]["trainable"] == 1_004_544  # 1,536 + 16,896 + 986,112
     assert rows["student"]["stored"] == 1_004_544 + 2 * 768 + 1  # + BatchNorm running mean/var and counter
     assert rows["teacher"]["trainable"] == 3_584  # 2x768 text + 2x1024 visual
 
 
 def test_ekda_default_four_tokens_matches_the_spec(base):
-    rows = _counts(base, "ekda", L14, n_tokens=4, depth=12, location="middle")
+    rows = _counts(base, "ekda", L14)
     assert rows["student"]["trainable"] == 1_022_976
 
 
 def test_promptkd_student_and_coop_teacher_match_the_spec(base):
-    rows = _counts(base, "promptkd", L14, n_tokens=4, depth=9, location="append")
+    rows = _counts(base, "promptkd", L14)  # defaults: 4 tokens, append, depth 9
     assert rows["student"]["trainable"] == 1_013_760  # 4x768x9 + 986,112
     coop = _counts(base, "promptkd", B16, prompts__n_ctx=16)
     assert coop["teacher"]["trainable"] == 8_192  # CoOp M=16 on ViT-B/16
@@ -56,6 +56,6 @@ def test_info_command_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "method dapl" in out and "24,576" in out
     with pytest.raises(SystemExit, match="expected key=value"):
-        main(["info", "-S", "distill.n_tokens"])
-    with pytest.raises(Exception, match="distill.n_tokens: expected an integer"):
-        main(["info", "-S", "distill.n_tokens=many"])
+        main(["info", "-S", "distill.ekda.n_tokens"])
+    with pytest.raises(Exception, match="distill.ekda.n_tokens: expected an integer"):
+        main(["info", "-S", "distill.ekda.n_tokens=many"])

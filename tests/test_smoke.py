@@ -88,7 +88,7 @@ def test_exp_run_reruns_only_distill_and_what_follows(smoke):
 
 
 @pytest.mark.parametrize("method, extra", [
-    ("ekda", ["-S", "distill.location=middle"]),  # EKDA: prompts after the class token, every layer (2 here)
+    ("ekda", []),
     ("dapl", []),
 ])
 def test_every_method_runs_through_dvc(smoke, method, extra):
@@ -108,8 +108,7 @@ def test_every_method_runs_through_dvc(smoke, method, extra):
 def test_source_prompt_variants_run_through_dvc(smoke):
     """Visual prompts + SCL + GPA re-run the prompts stage and everything after it."""
     workdir, _ = smoke
-    out = dvc(["exp", "run", "-S", "distill.method=promptkd", "-S", "distill.location=append",
-               "-S", "distill.epochs=2", "-S", "prompts.epochs=4", "-S", "prompts.visual_tokens=2",
+    out = dvc(["exp", "run", "-S", "distill.method=promptkd", "-S", "distill.epochs=2", "-S", "prompts.epochs=4", "-S", "prompts.visual_tokens=2",
                "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1", "-S", "prompts.gpa_mean=3"],
               workdir=workdir)
     assert _stages_run(out) == ["prompts", "features", "distill", "evaluate", "report"]

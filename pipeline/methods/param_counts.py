@@ -55,9 +55,10 @@ def _teacher(clip, tokenizer, n_classes: int, *, n_ctx: int, class_specific: boo
 
 
 def _student(clip, teacher_dim: int, d: dict[str, Any]) -> dict[str, int]:
+    depth = d["depth"] or len(clip.visual.transformer.resblocks)  # 0: every layer
     with torch.device("meta"):
         s = PromptedStudent(clip.visual, teacher_dim=teacher_dim, n_tokens=d["n_tokens"], location=d["location"],
-                            depth=d["depth"])
+                            depth=depth)
     return _counts(s, s.trainable_parameters(), clip.visual)
 
 
@@ -81,7 +82,7 @@ def method_parameter_counts(params: dict[str, Any], *, n_classes: int = 10) -> l
             visual_tokens=e["visual_tokens"], location="middle")})
     if method in ("promptkd", "ekda"):
         rows.append({"part": "student (visual prompts + projector)", "model": s_name,
-                     **_student(meta_model(s_name), teacher_dim, d)})
+                     **_student(meta_model(s_name), teacher_dim, d[method])})
     if method == "dapl":
         a = d["dapl"]
         with torch.device("meta"):

@@ -43,6 +43,7 @@ class KeyedRows:
 
 def build_student(student_model: LoadedModel, *, teacher_dim: int, n_tokens: int, location: str, depth: int,
                   seed: int, deterministic: bool, device: str) -> PromptedStudent:
+    depth = depth or len(student_model.model.visual.transformer.resblocks)  # 0: every layer
     with seeded(seed, deterministic=deterministic):
         return PromptedStudent(student_model.model.visual, teacher_dim=teacher_dim, n_tokens=n_tokens,
                                location=location, depth=depth).to(device)
