@@ -25,6 +25,27 @@ def prefect_backend():
         yield
 
 
+# --- Models: the tiny digits VLM architectures with random weights (per test module; weights are frozen).
+@pytest.fixture(scope="module")
+def teacher():
+    import torch
+
+    from pipeline.models.factory import ModelSpec, load_model
+
+    torch.manual_seed(0)
+    return load_model(ModelSpec(name="digits-vit-teacher", pretrained="random", role="teacher"))
+
+
+@pytest.fixture(scope="module")
+def student():
+    import torch
+
+    from pipeline.models.factory import ModelSpec, load_model
+
+    torch.manual_seed(1)
+    return load_model(ModelSpec(name="digits-vit-student", pretrained="random", role="student"))
+
+
 # --- Data: a tiny real digits benchmark (6 images per class and domain) as shards, built once.
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory):

@@ -17,7 +17,6 @@ from pipeline.methods.promptkd import KeyedRows
 from pipeline.methods.refine import KnnRefiner
 from pipeline.methods.source_prompts import (aggregate_states, gaussian_weights, teacher_step_loss,
                                              train_source_prompts)
-from pipeline.models.factory import ModelSpec, load_model
 
 NAMES = [prompt_name(c) for c in load_classlist("digits")]
 TEMPLATE = "a photo of the number {}."
@@ -25,18 +24,6 @@ EKDA = dict(template=TEMPLATE, n_ctx=2, init="random", visual_tokens=2, teacher_
             image_weight=10.0, kl_weight=1.0, ce_weight=1.0, align_weight=1.0)
 DAPL = dict(n_ctx=2, n_domain_ctx=2, class_specific=False, naive_template=TEMPLATE, threshold=0.0,
             temperature=1.0, target_weight=1.0)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    return load_model(ModelSpec(name="digits-vit-teacher", pretrained="random", role="teacher"))
-
-
-@pytest.fixture(scope="module")
-def student():
-    torch.manual_seed(1)
-    return load_model(ModelSpec(name="digits-vit-student", pretrained="random", role="student"))
 
 
 @pytest.fixture(scope="module")

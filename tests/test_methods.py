@@ -16,18 +16,6 @@ from pipeline.models.factory import ModelSpec, load_model
 NAMES = [prompt_name(c) for c in load_classlist("digits")]
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    return load_model(ModelSpec(name="digits-vit-teacher", pretrained="random", role="teacher"))
-
-
-@pytest.fixture(scope="module")
-def student():
-    torch.manual_seed(1)
-    return load_model(ModelSpec(name="digits-vit-student", pretrained="random", role="student"))
-
-
 PROMPTS = dict(template="a photo of the number {}.", n_ctx=4, init="word", class_specific=False, visual_tokens=0,
                visual_location="middle", text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=0.0, gpa_std=1.0)
 

@@ -11,22 +11,16 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from pipeline.losses.kd import check_same_shape, reduce_kd
+
 
 def binary_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
               reduction: str = "batchmean") -> torch.Tensor:
     """T^2 * sum of per-element Bernoulli KL(sigmoid(z_t/T) || sigmoid(z_s/T)) / B (or / (B*C)); teacher detached."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
+    check_same_shape(student_logits, teacher_logits)
     a = teacher_logits.detach().float() / temperature
     b = student_logits.float() / temperature
     log_t, log_1mt = F.logsigmoid(a), F.logsigmoid(-a)    # log s_t, log (1 - s_t)
     log_s, log_1ms = F.logsigmoid(b), F.logsigmoid(-b)
     total = (log_t.exp() * (log_t - log_s) + log_1mt.exp() * (log_1mt - log_1ms)).sum()
-    if reduction == "batchmean":
-        denom = student_logits.shape[0]
-    elif reduction == "numel":
-        denom = student_logits.numel()
-    else:
-        raise ValueError(f"binary KL reduction {reduction!r} is not one of ['batchmean', 'numel']")
-    return total / denom * temperature ** 2
+    return reduce_kd(total, student_logits, reduction, "binary KL") * temperature ** 2
