@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.benchmarks import headline_metric
 from pipeline.data.shards import read_labels
 from pipeline.evaluation.metrics import classification_metrics, epoch_summary
 from pipeline.features.cache import domain_keys, task_dir
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             y = labels_in_order(params, task["dataset"], task["target"], student_keys)
             models["student"] = {"target": epoch_summary(y, np.load(distilled / name / "predictions.npy"),
                                                          len(classes))}
-            result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "models": models}
+            result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "models": models,
+                      "headline": headline_metric(params["data"]["datasets"][task["dataset"]])}
             atomic_write_json(tmp / name / "metrics.json", result)
             return models["student"]["target"]["last"]["acc"]
 

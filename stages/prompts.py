@@ -1,7 +1,8 @@
 """Stage ``prompts``: learn each task's teacher text context on its labelled source domain (CoOp)."""
 from __future__ import annotations
 
-from pipeline.data.classlists import load_classlist, prompt_name
+from pipeline.data.classlists import prompt_name
+from pipeline.data.shards import shard_classes
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(params["paths"]["prompts"]) as tmp:
         def work(name, task, device):
             teacher = load_model(spec, device=device)
-            classes = load_classlist(task["dataset"])
+            classes = shard_classes(*(shard_dir(params, task["dataset"], task[s]) for s in ("source", "target")))
             out = train_source_prompts(
                 teacher=teacher, classnames=[prompt_name(c) for c in classes],
                 shard_dir=shard_dir(params, task["dataset"], task["source"]), template=pr["template"],
