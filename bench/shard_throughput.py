@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import pipeline  # noqa: F401
 from pipeline.data.shards import write_domain_shards
 
 CLASSES = [f"class_{i:02d}" for i in range(31)]
@@ -43,6 +42,30 @@ def make_tree(root: Path, n: int, size: int, seed: int = 0) -> int:
         Image.fromarray(pixels).save(path, quality=90)
         total += path.stat().st_size
     return total
+
+
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def cpu_scaling_probe(processes: int, n: int = 5_000_000) -> float:
+    """Speed-up of ``processes`` processes over one on pure-Python work: what parallel sharding can hope
+    for on this machine (shared or throttled vCPUs give about 1.0)."""
+    import multiprocessing
+
+    t0 = time.perf_counter()
+    for _ in range(processes):
+        _spin(n)
+    serial = time.perf_counter() - t0
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pool.map(_spin, [1000] * processes)  # start-up excluded
+        t0 = time.perf_counter()
+        pool.map(_spin, [n] * processes)
+        parallel = time.perf_counter() - t0
+    return serial / parallel
 
 
 def _digest(folder: Path) -> dict[str, bytes]:
@@ -78,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         identical = all(d == digests[args.workers[0]] for d in digests.values())
 
     med = {w: statistics.median(v) for w, v in rates.items()}
+    probe = cpu_scaling_probe(max(args.workers)) if max(args.workers) > 1 else 1.0
     base = med[args.workers[0]]
     result = {"images": args.images, "image_side_px": args.size, "tree_mb": round(nbytes / 1e6, 1),
               "maxcount": args.maxcount, "cpu_cores": os.cpu_count(), "repeats": args.repeats,
@@ -85,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
               "mb_per_s": {str(w): round(v * nbytes / args.images / 1e6, 1) for w, v in med.items()},
               "speedup_vs_first": {str(w): round(v / base, 2) for w, v in med.items()},
               "all_runs_images_per_s": {str(w): [round(x, 1) for x in v] for w, v in rates.items()},
-              "byte_identical_across_worker_counts": identical}
+              "byte_identical_across_worker_counts": identical,
+              f"cpu_scaling_probe_{max(args.workers)}_processes": round(probe, 2)}
     print(json.dumps(result, indent=2))
     return result
 

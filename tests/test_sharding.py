@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import fixture_trees as ft
-import pipeline  # noqa: F401  (torchvision guard first)
 import torch
 from pipeline.data.benchmarks import dataset_classes, domain_samples
 from pipeline.data.imagecheck import check_image

@@ -83,7 +83,7 @@ def test_sample_content(tmp_path):
     for shard in m["shards"]:
         with tarfile.open(tmp_path / "out" / shard) as tar:
             for info in tar:
-                assert info.mtime == 0 and info.uname == shards.TAR_USER
+                assert info.mtime == 0 and info.uname == sharding.TAR_USER
                 members[info.name] = tar.extractfile(info).read()
     assert len(members) == 3 * m["n"]
 

@@ -28,8 +28,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data.folders import list_class_tree
-from pipeline.data.samples import IMAGE_SUFFIXES  # noqa: F401  (re-exported)
-from pipeline.data.sharding import TAR_GROUP, TAR_MTIME, TAR_USER, sample_key, write_shards  # noqa: F401
+from pipeline.data.sharding import sample_key, write_shards
 from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
