@@ -91,3 +91,14 @@ def test_png_bytes_pass_through_and_decode_downstream(tmp_path):
     batches = list(image_loader(tmp_path / "out", transform=to_tensor, batch_size=10, shuffle=False,
                                 with_labels=True))
     assert sum(len(b[0]) for b in batches) == 24 and batches[0][1].shape[1:] == (3, 8, 8)
+
+
+def test_same_data_under_another_root_gives_the_same_shards(tmp_path):
+    import shutil
+
+    ds = ft.office31(tmp_path / "here", per_class=1)
+    shutil.copytree(tmp_path / "here", tmp_path / "elsewhere" / "office31")
+    a = _write("office31", ds, "webcam", tmp_path / "a")
+    b = _write("office31", {**ds, "root": str(tmp_path / "elsewhere" / "office31")}, "webcam", tmp_path / "b")
+    assert a == b and a["source"] == {"folder": "webcam/images"}
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")

@@ -151,27 +151,36 @@ def dataset_classes(name: str, ds: dict[str, Any]) -> list[str]:
 
 def domain_samples(name: str, ds: dict[str, Any], domain: str, classes: list[str]
                    ) -> tuple[list[Sample], list[Skipped], dict[str, Any]]:
-    """Samples and skipped files of one domain, and a description of where they came from."""
+    """Samples and skipped files of one domain, and where they came from (paths relative to the root, so
+    the same data under another root gives byte-identical shards and manifests)."""
+    samples, skipped, source = _domain_samples(name, ds, domain, classes)
+    root = root_of(name, ds)
+    return samples, skipped, {k: [Path(p).relative_to(root).as_posix() for p in v] if isinstance(v, list)
+                               else Path(v).relative_to(root).as_posix() for k, v in source.items()}
+
+
+def _domain_samples(name: str, ds: dict[str, Any], domain: str, classes: list[str]
+                    ) -> tuple[list[Sample], list[Skipped], dict[str, Any]]:
     root, where = root_of(name, ds), _where(name, ds, domain)
     fmt, allow_missing = ds["format"], ds.get("allow_missing_classes", False)
     if fmt == "image_list":
         list_file = root / ds["lists"][domain]
         samples = list_samples(list_file, root, classes, labels=ds.get("labels", "column"), where=where)
-        return samples, [], {"root": str(root), "lists": [str(list_file)]}
+        return samples, [], {"lists": [str(list_file)]}
     bench = benchmarks().get(fmt, {})
     if _uses_splits(ds):
         files = _split_files(name, ds, root, domain)
         full = len(load_classlist(bench["classlist"]))
         samples = [s for f in files for s in list_samples(f, root, classes, labels="folder", ids=bench["list_ids"],
                                                             label_range=full, where=where)]
-        return samples, [], {"root": str(root), "lists": [str(f) for f in files]}
+        return samples, [], {"lists": [str(f) for f in files]}
     domain_dir = _domain_dir(name, ds, root, domain)
     if bench.get("layout") == "list":
         list_file = domain_dir / bench["list_file"]
         samples = list_samples(list_file, domain_dir, classes, labels="folder", ids=bench["list_ids"], where=where)
-        return samples, [], {"root": str(root), "lists": [str(list_file)]}
+        return samples, [], {"lists": [str(list_file)]}
     sub = bench.get("images_subdir")
     if sub and (domain_dir / sub).is_dir() and match_class(sub, classes) is None:
         domain_dir = domain_dir / sub
     samples, skipped = list_class_tree(domain_dir, classes, allow_missing_classes=allow_missing, where=where)
-    return samples, skipped, {"root": str(root), "folder": str(domain_dir)}
+    return samples, skipped, {"folder": str(domain_dir)}
