@@ -2,7 +2,7 @@
 
 Input is one ``results/evaluate/<task>/metrics.json`` per task::
 
-    {"task", "dataset", "source", "target", "classes", "protocol",
+    {"task", "dataset", "source", "target", "classes", "protocol", "headline" (optional: acc | mean_class_acc),
      "models": {"zeroshot_teacher": {"target": METRICS, "source": METRICS},
                 "source_teacher":   {"target": EPOCH_SUMMARY, "source": EPOCH_SUMMARY},
                 "student":          {"target": EPOCH_SUMMARY}}}
