@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.data.benchmarks import dataset_classes, domain_samples
+from pipeline.data.benchmarks import dataset_classes, domain_samples, root_of
 from pipeline.data.classlists import load_classlist
 from pipeline.data.folders import list_class_tree
 from pipeline.data.sharding import write_shards
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     data, raw = params["data"], Path(params["paths"]["raw"])
     datasets = data["datasets"]
     # Before any work: a missing root or class list fails here, naming the dataset and the path.
+    for name, ds in datasets.items():
+        if ds["format"] != "digits":
+            root_of(name, ds)
     classes = {name: load_classlist(name) if ds["format"] == "digits" else dataset_classes(name, ds)
                for name, ds in datasets.items()}
     items = {f"{name}/{domain}": (name, domain) for name, ds in datasets.items() for domain in ds["domains"]}

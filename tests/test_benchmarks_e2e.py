@@ -99,3 +99,17 @@ def test_shards_of_every_layout(run):
     # the prompts stage took its class names from the shards (mini-DomainNet's derived list included)
     meta = Path(params["paths"]["features"]) / "tasks" / "mini_clipart_to_sketch" / "meta.json"
     assert json.loads(meta.read_text())["classes"] == ["anvil", "television", "umbrella", "zebra"]
+
+
+def test_missing_root_stops_the_shard_stage_before_any_work(tmp_path):
+    from stages import shard
+
+    params = yaml.safe_load((ROOT / "configs" / "visda.yaml").read_text())
+    params["paths"] = {k: str(tmp_path / k) for k in params["paths"]}
+    params["data"]["datasets"]["visda"]["root"] = str(tmp_path / "not-downloaded" / "visda17")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(FileNotFoundError, match=r"data.datasets.visda.root: folder .*not-downloaded/visda17.* "
+                                                r"does not exist .*DATASETS.md, section 'VisDA-2017'"):
+        shard.main(["--params", str(path)])
+    assert not (tmp_path / "shards").exists()
