@@ -13,9 +13,12 @@ from typing import Any, Callable
 
 import yaml
 
+from pipeline.data.benchmarks import GENERIC_FORMATS, HEADLINES, SPLITS, benchmarks, external_formats
+from pipeline.data.classlists import available_classlists
+
 METHODS = ("promptkd", "ekda", "dapl")
 LOSS_NAMES = ("kl", "nd", "sinkhorn", "dual_head", "binary_kl")  # pipeline.losses implements each
-DATASET_FORMATS = ("digits",)
+DATASET_FORMATS = ("digits", *external_formats())
 DIGITS_DOMAINS = ("mnist", "usps", "printed", "mnistm")
 KD_REDUCTIONS = ("batchmean", "numel")
 DEVICE_POLICIES = ("auto", "cpu", "cuda")
@@ -97,6 +100,21 @@ def _str_list(choices: tuple[str, ...] | None = None, min_len: int = 1, template
     return Field(check)
 
 
+def _str_map(optional: bool = False) -> Field:
+    def check(v):
+        if not isinstance(v, dict) or not v or not all(isinstance(k, str) and isinstance(x, str) and x
+                                                       for k, x in v.items()):
+            return "expected a mapping of names to non-empty strings"
+    return Field(check, optional)
+
+
+class Tagged:
+    """A mapping whose schema depends on the value of one key (``format`` of a dataset)."""
+
+    def __init__(self, tag: str, schemas: dict[str, dict]):
+        self.tag, self.schemas = tag, schemas
+
+
 class DictOf:
     """A mapping from user-chosen names (datasets, tasks) to entries of one schema."""
 
@@ -116,6 +134,28 @@ LOSS = {"name": _str(LOSS_NAMES), "weight": _float(0.0), "reduction": _str(KD_RE
 
 STUDENT = {"n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(0)}  # student visual prompts
 
+# data.datasets entries, by format. External datasets are read from `root` (see DATASETS.md).
+DIGITS = {"format": _str(("digits",)), "domains": _str_list(), "per_class": _int(1), "image_size": _int(8)}
+_EXTERNAL = {"root": _str(), "domains": _str_list(), "headline": _str(HEADLINES, optional=True)}
+_TREE = {"allow_missing_classes": _bool(optional=True)}
+
+
+def _dataset_schema(fmt: str) -> dict[str, Any]:
+    schema = {"format": _str(DATASET_FORMATS), **_EXTERNAL}
+    if fmt == "folder":
+        return {**schema, **_TREE, "classes": _str(), "folders": _str_map(optional=True)}
+    if fmt == "image_list":
+        return {**schema, "classes": _str(), "lists": _str_map(), "labels": _str(("column", "folder"), optional=True)}
+    bench = benchmarks()[fmt]
+    if bench["layout"] == "tree":
+        schema.update(_TREE)
+    if bench["layout"] == "splits" or "split_layout" in bench:
+        schema["split"] = _str(SPLITS, optional=True)
+    return schema
+
+
+DATASET = Tagged("format", {"digits": DIGITS, **{f: _dataset_schema(f) for f in external_formats()}})
+
 SCHEMA: dict[str, Any] = {
     "seed": _int(0),
     "paths": {k: _str() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
@@ -123,8 +163,9 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "shard_maxcount": _int(1),
         "shuffle_seed": _int(0),
-        "datasets": DictOf({"format": _str(DATASET_FORMATS), "domains": _str_list(),
-                            "per_class": _int(1), "image_size": _int(8)}),
+        "shard_workers": _int(0),
+        "max_bad_fraction": _float(0.0),
+        "datasets": DictOf(DATASET),
     },
     "tasks": DictOf({"dataset": _str(), "source": _str(), "target": _str()}),
     "model": {"cache_dir": _str(nullable=True), "teacher": MODEL, "student": MODEL},
@@ -155,6 +196,18 @@ def _validate(value: Any, schema: Any, key: str, errors: list[str]) -> None:
         problem = schema.check(value)
         if problem:
             errors.append(f"{key}: {problem}, got {value!r} ({type(value).__name__})")
+    elif isinstance(schema, Tagged):
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping with a {schema.tag!r} key, got {value!r}")
+            return
+        if schema.tag not in value:
+            errors.append(f"{key}.{schema.tag}: missing; one of {list(schema.schemas)}")
+            return
+        sub = schema.schemas.get(value[schema.tag]) if isinstance(value[schema.tag], str) else None
+        if sub is None:
+            errors.append(f"{key}.{schema.tag}: expected one of {list(schema.schemas)}, got {value[schema.tag]!r}")
+            return
+        _validate(value, sub, key, errors)
     elif isinstance(schema, DictOf):
         if not isinstance(value, dict) or len(value) < schema.min_len:
             errors.append(f"{key}: expected a mapping of at least {schema.min_len} named entries, got {value!r}")
@@ -177,22 +230,24 @@ def _validate(value: Any, schema: Any, key: str, errors: list[str]) -> None:
 
 
 def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
-    from pipeline.data.classlists import available_classlists
-
     datasets = p["data"]["datasets"]
     for name in [*datasets, *p["tasks"]]:  # both become folder names
         if not NAME.fullmatch(name):
             errors.append(f"{name!r}: dataset and task names may use letters, digits, '_' and '-' only")
     known = available_classlists()
+    if not 0 <= p["data"]["max_bad_fraction"] < 1:
+        errors.append(f"data.max_bad_fraction: expected a fraction in [0, 1), got {p['data']['max_bad_fraction']!r}")
     for name, ds in datasets.items():
-        if name not in known:
-            errors.append(f"data.datasets.{name}: no class list pipeline/data/classlists/{name}.txt; "
-                          f"known: {known}")
         if ds["format"] == "digits":
+            if name not in known:
+                errors.append(f"data.datasets.{name}: no class list pipeline/data/classlists/{name}.txt; "
+                              f"known: {known}")
             bad = [d for d in ds["domains"] if d not in DIGITS_DOMAINS]
             if bad:
                 errors.append(f"data.datasets.{name}.domains: unknown digits domain(s) {bad}; "
                               f"allowed: {list(DIGITS_DOMAINS)}")
+            continue
+        _external_checks(name, ds, errors)
     targets = set()
     for name, task in p["tasks"].items():
         ds = datasets.get(task["dataset"])
@@ -232,6 +287,29 @@ def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
     pr = p["prompts"]
     if pr["n_ctx"] == 0 and pr["visual_tokens"] == 0:
         errors.append("prompts: n_ctx and visual_tokens are both 0, so nothing would be learned; set either")
+
+
+def _external_checks(name: str, ds: dict[str, Any], errors: list[str]) -> None:
+    key = f"data.datasets.{name}"
+    allowed = list(benchmarks()[ds["format"]]["domains"]) if ds["format"] in benchmarks() else None
+    for domain in ds["domains"]:
+        if allowed is not None and domain not in allowed:
+            errors.append(f"{key}.domains: unknown {ds['format']} domain {domain!r}; allowed: {allowed}")
+        elif not NAME.fullmatch(domain):
+            errors.append(f"{key}.domains: {domain!r} names a folder of shards; use letters, digits, '_' and '-' "
+                          "(map it to the folder on disk with `folders`)")
+    for field in ("lists", "folders"):
+        extra = sorted(set(ds.get(field, {})) - set(ds["domains"]))
+        if extra:
+            errors.append(f"{key}.{field}: {extra} are not in {key}.domains {ds['domains']}")
+    if ds["format"] == "image_list":
+        missing = [d for d in ds["domains"] if d not in ds["lists"]]
+        if missing:
+            errors.append(f"{key}.lists: no list file for domain(s) {missing}")
+    if ds["format"] in GENERIC_FORMATS and "/" not in ds["classes"] and not ds["classes"].endswith(".txt") \
+            and ds["classes"] not in available_classlists():
+        errors.append(f"{key}.classes: {ds['classes']!r} is not a bundled class list {available_classlists()}; "
+                      "give one of those or the path of a text file, one class name per line in label order")
 
 
 def validate_params(params: Any, *, source: str = "params.yaml") -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.benchmarks import headline_metric
 from pipeline.data.shards import read_labels
 from pipeline.evaluation.metrics import classification_metrics, epoch_summary
 from pipeline.features.cache import domain_keys, task_dir
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                                                          len(classes))}
             method = read_json(distilled / name / "train_log.json")["method"]
             result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "method": method,
-                      "models": models}
+                      "models": models, "headline": headline_metric(params["data"]["datasets"][task["dataset"]])}
             atomic_write_json(tmp / name / "metrics.json", result)
             return models["student"]["target"]["last"]["acc"]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.data.classlists import load_classlist, prompt_name
+from pipeline.data.classlists import prompt_name
+from pipeline.data.shards import shard_classes
 from pipeline.features.cache import zero_shot_vectors
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods.source_prompts import TEACHER_KEYS, train_source_prompts
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(params["paths"]["prompts"]) as tmp:
         def work(name, task, device):
             teacher = load_model(spec, device=device)
-            classes = load_classlist(task["dataset"])
+            classes = shard_classes(*(shard_dir(params, task["dataset"], task[s]) for s in ("source", "target")))
             classnames = [prompt_name(c) for c in classes]
             zs_text = None
             if pr["text_weight"] or pr["kl_weight"]:

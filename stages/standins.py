@@ -4,7 +4,7 @@ Only the offline smoke configuration names any; with real weights this stage wri
 """
 from __future__ import annotations
 
-from pipeline.data.classlists import load_classlist
+from pipeline.data.shards import shard_classes
 from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.models.factory import save_local_dir
 from pipeline.models.standins import pretrain_standin
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     shard_dirs = [shard_dir(params, st["dataset"], d) for d in st["domains"]]
     with atomic_dir(params["paths"]["standins"]) as tmp:
         def work(name, arch, device):
-            out = pretrain_standin(arch=arch, shard_dirs=shard_dirs, classnames=load_classlist(st["dataset"]),
+            out = pretrain_standin(arch=arch, shard_dirs=shard_dirs, classnames=shard_classes(*shard_dirs),
                                    templates=st["templates"], epochs=st["epochs"], batch_size=st["batch_size"],
                                    lr=st["lr"], seed=params["seed"], device=device)
             save_local_dir(out["model"], out["model_cfg"], tmp / name)

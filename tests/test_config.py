@@ -64,7 +64,7 @@ def test_missing_key(params):
     (lambda p: p["tasks"]["usps_to_mnist"].update(target="usps"), "source and target are both 'usps'"),
     (lambda p: p["data"]["datasets"]["digits"].update(domains=["mnist", "svhn"]), "unknown digits domain(s) ['svhn']"),
     (lambda p: p["runtime"].update(device="tpu"), "runtime.device: expected one of ['auto', 'cpu', 'cuda']"),
-    (lambda p: p["data"]["datasets"]["digits"].update(format="imagenet"), "expected one of ['digits']"),
+    (lambda p: p["data"]["datasets"]["digits"].update(format="imagenet"), "format: expected one of ['digits', 'office31'"),
     (lambda p: p["tasks"].update({"a/b": p["tasks"]["usps_to_mnist"]}), "'a/b': dataset and task names"),
     (lambda p: p["data"]["datasets"].update(toys=p["data"]["datasets"]["digits"]), "no class list"),
     (lambda p: p["features"]["templates"].append("a photo of {x}"), "exactly one '{}'"),

@@ -13,7 +13,7 @@ import pipeline  # noqa: F401  (torchvision guard first)
 import torch
 from PIL import Image
 
-from pipeline.data import shards
+from pipeline.data import sharding, shards
 from pipeline.data.shards import (folder_dataset, image_loader, read_labels, read_manifest,
                                   write_domain_shards)
 
@@ -83,14 +83,14 @@ def test_sample_content(tmp_path):
     for shard in m["shards"]:
         with tarfile.open(tmp_path / "out" / shard) as tar:
             for info in tar:
-                assert info.mtime == 0 and info.uname == shards.TAR_USER
+                assert info.mtime == 0 and info.uname == sharding.TAR_USER
                 members[info.name] = tar.extractfile(info).read()
     assert len(members) == 3 * m["n"]
 
     assert members[f"{key}.jpg"] == (tree / "apple" / "v1.2.final.png").read_bytes()
     assert members[f"{key}.cls"] == b"1"  # index in CLASSES, not in sorted order
     assert json.loads(members[f"{key}.json"]) == {
-        "path": "apple/v1.2.final.png", "dataset": "toy", "domain": "d1", "classname": "apple"}
+        "path": "apple/v1.2.final.png", "dataset": "toy", "domain": "d1", "classname": "apple", "format": "png"}
     zebra = shards.sample_key("zebra/img_000.jpg")
     assert members[f"{zebra}.cls"] == b"0"
     assert members[f"{zebra}.jpg"] == (tree / "zebra" / "img_000.jpg").read_bytes()
@@ -206,25 +206,25 @@ def test_folder_dataset_matches_shards(tree, tmp_path):
 def test_interrupted_write_leaves_nothing(tree, tmp_path, monkeypatch):
     out = tmp_path / "shards" / "out"
     calls = {"n": 0}
-    real_write = shards.wds.ShardWriter.write
+    real_add = sharding._add
 
-    def failing_write(self, obj):
+    def failing_add(tar, name, data):
         calls["n"] += 1
-        if calls["n"] == 7:
+        if calls["n"] == 20:
             raise RuntimeError("simulated crash")
-        return real_write(self, obj)
+        return real_add(tar, name, data)
 
-    monkeypatch.setattr(shards.wds.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(sharding, "_add", failing_add)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _write(tree, out)
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # no temporary folder left either
 
     # A crash while rewriting keeps the previous good output intact.
-    monkeypatch.setattr(shards.wds.ShardWriter, "write", real_write)
+    monkeypatch.setattr(sharding, "_add", real_add)
     good = _write(tree, out)
     calls["n"] = 0
-    monkeypatch.setattr(shards.wds.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(sharding, "_add", failing_add)
     with pytest.raises(RuntimeError):
         _write(tree, out, seed=9)
     assert read_manifest(out) == good

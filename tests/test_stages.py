@@ -52,15 +52,16 @@ def test_prepare_and_shard_write_atomically(tmp_path, monkeypatch):
     assert "torch" in run_info["environment"]["packages"]
 
     import pipeline.data.shards as shards_lib
+    import pipeline.data.sharding as sharding_lib
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")  # ENOSPC: deterministic, not retried
 
-    monkeypatch.setattr(shard, "write_domain_shards", broken)
+    monkeypatch.setattr(shard, "write_shards", broken)
     with pytest.raises(Exception, match="No space left"):
         shard.main(["--params", str(path)])
     assert not (tmp_path / "shards").exists() and not list(tmp_path.glob(".shards.tmp-*"))
-    monkeypatch.setattr(shard, "write_domain_shards", shards_lib.write_domain_shards)
+    monkeypatch.setattr(shard, "write_shards", sharding_lib.write_shards)
     shard.main(["--params", str(path)])
     assert shards_lib.read_manifest(tmp_path / "shards" / "digits" / "usps")["n"] == 30
 

@@ -1,25 +1,21 @@
-"""Image-folder domains as deterministic webdataset shards, and the loaders that read them.
+"""Webdataset shards of one domain: the loaders that read them, and the image-folder writer.
 
-Layout in: ``<image_dir>/<classname>/<file>`` (class-per-folder). Layout out (one folder per split)::
+Layout (one folder per domain; written by :mod:`pipeline.data.sharding`)::
 
     <out_dir>/<split>-000000.tar ...   samples: <key>.cls, <key>.jpg (raw file bytes), <key>.json
     <out_dir>/sizes.json               {shard basename: n}, as open_clip reads it
-    <out_dir>/manifest.json            classes (label order), counts, shards and keys in shard order
+    <out_dir>/manifest.json            classes (label order), counts, shards and keys in shard order,
+                                       skipped files with the reason
 
 Labels always come from the caller's class list, never from a sort order. See
 shared/reference/ecosystem.md §6 for the webdataset conventions followed here.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 import random
-import re
-import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -30,132 +26,36 @@ import pipeline  # noqa: F401  (installs the torchvision guard before torch-rela
 import torch
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
-from pipeline.io import atomic_dir, atomic_write_json, read_json
+from pipeline.data.folders import list_class_tree
+from pipeline.data.sharding import sample_key, write_shards
+from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-TAR_MTIME = 0  # fixed tar header fields so a re-run gives byte-identical shards (stable DVC hashes)
-TAR_USER = TAR_GROUP = "uda"
 SHUFFLE_BUFFER = 1000
-
-
-# ----------------------------------------------------------------------------------------- listing
-
-
-def _check_classes(classes: list[str]) -> list[str]:
-    classes = list(classes)
-    if not classes:
-        raise ValueError("the class list is empty")
-    dupes = sorted({c for c in classes if classes.count(c) > 1})
-    if dupes:
-        raise ValueError(f"duplicate class names in the class list: {dupes}")
-    return classes
-
-
-def sample_key(relative_path: str) -> str:
-    """An opaque, stable key for an image: a hash of its path below the domain folder.
-
-    Keys travel with every batch, also into the distill stage, which must not learn target labels: a key
-    such as ``three/img_042`` would carry the class, so none is derived from the class or the file name.
-    Hex digits only: periods would become webdataset extensions (faqs/0237).
-    """
-    return hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:20]
-
-
-def list_images(image_dir: Path, classes: list[str], *, allow_missing_classes: bool = False
-                ) -> list[tuple[str, Path, int, str]]:
-    """Return ``(key, path, label, classname)`` for every image, sorted by relative path.
-
-    Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``) and stray top-level files are ignored;
-    non-image files inside a class folder are skipped.
-    """
-    image_dir = Path(image_dir)
-    classes = _check_classes(classes)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder {image_dir} does not exist")
-    folders = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    unknown = [f for f in folders if f not in classes]
-    if unknown:
-        raise ValueError(f"unknown class folder(s) {unknown} in {image_dir}; expected names: {classes}")
-    missing = [c for c in classes if c not in folders]
-    if missing and not allow_missing_classes:
-        raise ValueError(f"class(es) {missing} have no folder in {image_dir} "
-                         "(pass allow_missing_classes=True if that is expected)")
-
-    label_of = {c: i for i, c in enumerate(classes)}
-    items = []
-    for classname in folders:
-        for path in (image_dir / classname).iterdir():
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
-                key = sample_key(path.relative_to(image_dir).as_posix())
-                items.append((key, path, label_of[classname], classname))
-    items.sort(key=lambda it: it[1].relative_to(image_dir).as_posix())
-
-    seen: dict[str, Path] = {}
-    for key, path, _, _ in items:
-        if key in seen:
-            raise ValueError(f"{seen[key]} and {path} map to the same sample key {key!r}")
-        seen[key] = path
-    return items
 
 
 # ----------------------------------------------------------------------------------------- writing
 
 
+def list_images(image_dir: Path, classes: list[str], *, allow_missing_classes: bool = False
+                ) -> list[tuple[str, Path, int, str]]:
+    """Return ``(key, path, label, classname)`` for every image of a class-per-folder tree, sorted by
+    relative path (see :func:`pipeline.data.folders.list_class_tree` for the matching rules)."""
+    samples, _ = list_class_tree(image_dir, classes, allow_missing_classes=allow_missing_classes)
+    return [(sample_key(s.relpath), Path(s.path), s.label, s.classname) for s in samples]
+
+
 def write_domain_shards(image_dir: Path, out_dir: Path, *, dataset: str, domain: str, classes: list[str],
-                        maxcount: int, seed: int, split: str = "all",
-                        allow_missing_classes: bool = False) -> dict:
-    """Write ``image_dir`` as ``out_dir/<split>-%06d.tar`` shards plus sizes.json and manifest.json.
-
-    The sample order is a seeded permutation of the sorted file list, so shards are byte-identical
-    for the same inputs and seed, and no shard is one long run of a single class.
-    Returns the manifest.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        raise ValueError(f"split {split!r} must be letters, digits or '_' (it names the shard files)")
-    if maxcount < 1:
-        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
-    image_dir, out_dir = Path(image_dir), Path(out_dir)
-    classes = _check_classes(classes)
-    items = list_images(image_dir, classes, allow_missing_classes=allow_missing_classes)
-    if not items:
-        raise ValueError(f"no images found in {image_dir}")
-    order = np.random.default_rng(seed).permutation(len(items))
-    items = [items[i] for i in order]
-
-    sizes: dict[str, int] = {}
-    counts = {c: 0 for c in classes}
-    start = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
-        pattern = str(tmp).replace("%", "%%") + f"/{split}-%06d.tar"  # ShardWriter %-formats it
-        writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=float("inf"), verbose=0,
-                                 encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_GROUP)
-        try:
-            for key, path, label, classname in tqdm(items, desc=f"shards {dataset}/{domain}/{split}",
-                                                    unit="img", file=sys.stderr):
-                meta = {"path": path.relative_to(image_dir).as_posix(), "dataset": dataset,
-                        "domain": domain, "classname": classname}
-                writer.write({"__key__": key,
-                              "jpg": path.read_bytes(),  # raw bytes: no re-encode, whatever the format
-                              "cls": str(label).encode("ascii"),
-                              "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
-                name = Path(writer.fname).name
-                sizes[name] = sizes.get(name, 0) + 1
-                counts[classname] += 1
-        finally:
-            writer.close()
-        manifest = {"dataset": dataset, "domain": domain, "split": split, "classes": classes,
-                    "counts": counts, "n": len(items), "shards": list(sizes), "keys": [it[0] for it in items],
-                    "seed": seed, "maxcount": maxcount}
-        atomic_write_json(tmp / "sizes.json", sizes)
-        atomic_write_json(tmp / "manifest.json", manifest)
-    elapsed = time.perf_counter() - start
-    log.info("wrote %d images in %d shard(s) to %s in %.1f s (%.0f images/s)",
-             len(items), len(sizes), out_dir, elapsed, len(items) / max(elapsed, 1e-9))
-    return manifest
+                        maxcount: int, seed: int, split: str = "all", allow_missing_classes: bool = False,
+                        workers: int = 1, max_bad_fraction: float = 0.0) -> dict:
+    """Write the class-per-folder tree ``image_dir`` as ``out_dir/<split>-%06d.tar`` shards plus sizes.json
+    and manifest.json (:func:`pipeline.data.sharding.write_shards`). Returns the manifest."""
+    samples, skipped = list_class_tree(image_dir, classes, allow_missing_classes=allow_missing_classes)
+    return write_shards(samples, out_dir, dataset=dataset, domain=domain, classes=classes, maxcount=maxcount,
+                        seed=seed, split=split, workers=workers, max_bad_fraction=max_bad_fraction,
+                        skipped=skipped, source={"folder": str(image_dir)})
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -292,3 +192,18 @@ def folder_dataset(image_dir: Path, *, classes: list[str], transform: Callable,
     """A plain map-style Dataset over ``<image_dir>/<classname>/<file>``."""
     return FolderDataset(image_dir, classes=classes, transform=transform,
                          allow_missing_classes=allow_missing_classes)
+
+
+def shard_classes(*shard_dirs: Path) -> list[str]:
+    """The class list (label order) the shards of one or more domains were written with; they must agree.
+
+    Stages that need class names (prompts, stand-ins) read them here, so a list derived from the data
+    (mini-DomainNet) or given as a file reaches them through the shards DVC already tracks.
+    """
+    lists = {str(d): read_manifest(d)["classes"] for d in shard_dirs}
+    first = next(iter(lists.values()))
+    differ = [d for d, c in lists.items() if c != first]
+    if differ:
+        raise ValueError(f"shard folders {list(lists)} were written with different class lists; re-run the "
+                         "shard stage")
+    return list(first)

@@ -1,0 +1,32 @@
+"""configs/<benchmark>.yaml: complete, valid params files declaring every standard task."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import NAME, load_params
+from pipeline.data.benchmark_configs import benchmark_params
+from pipeline.data.benchmarks import benchmarks, standard_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNTS = {"office31": 6, "office_home": 12, "visda": 1, "domainnet": 30, "mini_domainnet": 12}
+
+
+@pytest.mark.parametrize("fmt", sorted(COUNTS))
+def test_config_validates_and_declares_every_standard_task(fmt):
+    params = load_params(ROOT / "configs" / f"{fmt}.yaml")
+    assert set(params) == set(load_params(ROOT / "params.yaml"))  # a complete params file
+    assert len(params["tasks"]) == COUNTS[fmt] and params["tasks"] == standard_tasks(fmt)
+    pairs = {(t["source"], t["target"]) for t in params["tasks"].values()}
+    domains = list(benchmarks()[fmt]["domains"])
+    expected = {("train", "validation")} if fmt == "visda" else {(s, t) for s in domains for t in domains if s != t}
+    assert pairs == expected
+    assert all(NAME.fullmatch(name) for name in params["tasks"])  # usable as DVC / folder names
+    (entry,) = params["data"]["datasets"].values()
+    assert entry["format"] == fmt and entry["domains"] == domains
+
+
+def test_generator_output_validates_for_the_current_params():
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for fmt in benchmarks():
+        assert benchmark_params(base, fmt)["tasks"] == standard_tasks(fmt)
