@@ -7,9 +7,10 @@ before any work.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from pipeline.data.benchmarks import dataset_classes, domain_samples, root_of
+from pipeline.data.benchmarks import dataset_classes, domain_samples, expected_count, root_of
 from pipeline.data.classlists import load_classlist
 from pipeline.data.folders import list_class_tree
 from pipeline.data.sharding import write_shards
@@ -43,7 +44,13 @@ def main(argv: list[str] | None = None) -> None:
                                     classes=classes[dataset], maxcount=data["shard_maxcount"],
                                     seed=data["shuffle_seed"], workers=data["shard_workers"],
                                     max_bad_fraction=data["max_bad_fraction"], skipped=skipped, source=source)
-            return {"n": manifest["n"], "shards": len(manifest["shards"]), "skipped": manifest["n_skipped"]}
+            expected = expected_count(ds, domain)
+            if expected is not None and manifest["n"] != expected:
+                logging.getLogger(__name__).warning(
+                    "%s/%s: %d images, the official release has %d (partial download or a different version?)",
+                    dataset, domain, manifest["n"], expected)
+            return {"n": manifest["n"], "shards": len(manifest["shards"]), "skipped": manifest["n_skipped"],
+                    "expected": expected}
 
         run_stage_items(STAGE, params, items, work, label=task_label(params), on_gpu=False)
     record_run(params, STAGE)

@@ -51,6 +51,13 @@ def headline_metric(ds: dict[str, Any]) -> str:
     return benchmarks().get(ds["format"], {}).get("headline", "acc")
 
 
+def expected_count(ds: dict[str, Any], domain: str) -> int | None:
+    """The official image count of a benchmark domain (all images), or None when unknown or not comparable."""
+    if ds.get("split", "all") != "all" or _uses_splits(ds):
+        return None
+    return benchmarks().get(ds["format"], {}).get("counts", {}).get(domain)
+
+
 def known_domains(ds: dict[str, Any]) -> list[str] | None:
     """The domains a benchmark format allows (None: any name, the generic formats)."""
     bench = benchmarks().get(ds["format"])
