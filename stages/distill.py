@@ -63,12 +63,13 @@ def main(argv: list[str] | None = None) -> None:
                           weight_decay=d["weight_decay"], seed=params["seed"], device=device,
                           collapse_fraction=d["collapse_fraction"], deterministic=rt["deterministic"],
                           checkpoint_path=Path(params["paths"]["checkpoints"]) / STAGE / name / "last_good.pt")
-            student_args = dict(**{k: d[method][k] for k in ("n_tokens", "location", "depth")} if method != "dapl"
-                                else {}, num_workers=rt["num_workers"],
-                                eval_batch_size=params["evaluate"]["batch_size"])
+            student_args = {"num_workers": rt["num_workers"], "eval_batch_size": params["evaluate"]["batch_size"]}
+            if method in ("promptkd", "ekda"):  # the student's visual prompts, from the method's own block
+                student_args.update({k: d[method][k] for k in ("n_tokens", "location", "depth")})
 
             def refiner(probs: np.ndarray) -> KnnRefiner | None:
-                return KnnRefiner(target_keys, target_feats, probs, k=d["refine_knn"]) if d["refine_knn"] else None
+                return (KnnRefiner(target_keys, target_feats, probs, k=d["refine_knn"], device=device)
+                        if d["refine_knn"] else None)
 
             if method == "promptkd":
                 class_vectors = np.load(cached / "class_vectors.npy")

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.methods.common import EpochRecorder, check_finite, seeded, sgd_with_cosine
+from pipeline.methods.refine import softmax_np
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptTokens, own_parameters, own_state
 
@@ -130,7 +131,4 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
 def naive_probabilities(target_features: np.ndarray, naive_vectors: np.ndarray, *, scale: float,
                         temperature: float) -> np.ndarray:
     """softmax(s * f @ t_naive^T / T): the frozen naive prompt's pseudo-label distribution."""
-    z = scale * target_features @ naive_vectors.T / temperature
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(1, keepdims=True)).astype(np.float32)
+    return softmax_np(scale * target_features @ naive_vectors.T / temperature).astype(np.float32)
