@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
                 "models": identities, "cached_teacher": meta["model"], "distill": d, "task": task})
             atomic_save_npy(tmp / name / "predictions.npy", out["predictions"])
             atomic_write_json(tmp / name / "keys.json", out["keys"])
-            atomic_write_json(tmp / name / "train_log.json", {"method": method, "trainable_params":
-                                                              out["trainable_params"], "epochs": out["log"]})
+            atomic_write_json(tmp / name / "train_log.json", {
+                "method": method, "loss": d["loss"]["name"], "refine_knn": d["refine_knn"],
+                "trainable_params": out["trainable_params"], "epochs": out["log"]})
             return out["log"][-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))

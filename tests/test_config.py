@@ -74,6 +74,8 @@ def test_missing_key(params):
     (lambda p: p["distill"].update(collapse_fraction=1.5), "distill.collapse_fraction: expected a fraction"),
     (lambda p: p["distill"]["loss"].update(name="mse"), "distill.loss.name: expected one of ['kl', 'nd'"),
     (lambda p: p["distill"]["ekda"].update(lr=0.1), "distill.ekda.lr: unknown key"),
+    (lambda p: p["distill"]["ekda"].update(n_tokens=0), "distill.ekda.n_tokens: EKDA's student learns visual"),
+    (lambda p: p["distill"]["promptkd"].update(n_tokens=0, depth=3), "distill.promptkd.depth: deep prompts need"),
 ])
 def test_cross_checks(params, change, expected):
     change(params)

@@ -15,13 +15,14 @@ def base():
     return load_params("params.yaml")
 
 
-def _counts(base, method, teacher, student=B16, **distill):
+def _counts(base, method, teacher, student=B16, **overrides):
+    """Counts for ``method``; ``overrides`` are ``<block>__<key>`` with block prompts, ekda, dapl or promptkd."""
     p = copy.deepcopy(base)
     p["distill"]["method"] = method
     p["model"]["teacher"]["name"], p["model"]["student"]["name"] = teacher, student
-    for key, value in distill.items():
-        section, _, name = key.rpartition("__")
-        (p[section] if section in ("prompts",) else p["distill"][section] if section else p["distill"])[name] = value
+    for key, value in overrides.items():
+        block, name = key.split("__")
+        (p["prompts"] if block == "prompts" else p["distill"][block])[name] = value
     return {r["part"].split(" ")[0]: r for r in method_parameter_counts(p)}
 
 

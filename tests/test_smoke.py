@@ -106,12 +106,15 @@ def test_every_method_runs_through_dvc(smoke, method, extra):
 
 
 def test_source_prompt_variants_run_through_dvc(smoke):
-    """Visual prompts + SCL + GPA re-run the prompts stage and everything after it."""
+    """Visual prompts + SCL + GPA re-run the prompts stage and everything after it; ND loss, kNN refinement."""
     workdir, _ = smoke
     out = dvc(["exp", "run", "-S", "distill.method=promptkd", "-S", "distill.epochs=2", "-S", "prompts.epochs=4", "-S", "prompts.visual_tokens=2",
-               "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1", "-S", "prompts.gpa_mean=3"],
+               "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1", "-S", "prompts.gpa_mean=3",
+               "-S", "distill.loss.name=nd", "-S", "distill.refine_knn=5"],  # ND reads the prompted features
               workdir=workdir)
     assert _stages_run(out) == ["prompts", "features", "distill", "evaluate", "report"]
+    log = json.loads((workdir / "models" / "students" / "usps_to_mnist" / "train_log.json").read_text())
+    assert (log["loss"], log["refine_knn"], len(log["epochs"])) == ("nd", 5, 2)
     meta = json.loads((workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "meta.json").read_text())
     assert meta["visual_prompts"] and meta["gpa"] and meta["teacher_rows"] == 1
     assert (workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "target_features.npy").is_file()

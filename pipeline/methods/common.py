@@ -9,6 +9,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from pipeline.io import atomic_torch_save
+
 _GLOBAL_RNG = threading.Lock()
 
 
@@ -71,8 +73,6 @@ class EpochRecorder:
         self.log: list[dict] = []
 
     def add(self, epoch: int, keys: list[str], predictions: np.ndarray, log_entry: dict, state: dict) -> None:
-        from pipeline.io import atomic_torch_save
-
         if self.keys is not None and keys != self.keys:  # rows of every epoch must mean the same images
             raise RuntimeError(f"{self.where}: target predictions of epoch {epoch} came in a different order")
         counts = np.bincount(predictions, minlength=self.n_classes)
