@@ -6,227 +6,98 @@ the key, the value found and what was expected.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from pipeline.data.benchmarks import GENERIC_FORMATS, HEADLINES, SPLITS, benchmarks, external_formats
 from pipeline.data.classlists import available_classlists
+from pipeline.data.digits import DOMAINS as DIGITS_DOMAINS
+from pipeline.features.cache import FAISS_INDEXES
+from pipeline.losses.kd import REDUCTIONS as KD_REDUCTIONS
+from pipeline.models.factory import PRECISIONS
+from pipeline.models.prompted import LOCATIONS, PROMPT_INITS
+from pipeline.orchestration.devices import DEVICE_POLICIES
+from pipeline.schema import (ConfigError, DictOf, Tagged, boolean, integer, number, template, text, text_list,
+                             text_map, validate)
 
 METHODS = ("promptkd", "ekda", "dapl")
 LOSS_NAMES = ("kl", "nd", "sinkhorn", "dual_head", "binary_kl")  # pipeline.losses implements each
 DATASET_FORMATS = ("digits", *external_formats())
-DIGITS_DOMAINS = ("mnist", "usps", "printed", "mnistm")
-KD_REDUCTIONS = ("batchmean", "numel")
-DEVICE_POLICIES = ("auto", "cpu", "cuda")
-PROMPT_INITS = ("word", "random")
-LOCATIONS = ("middle", "append")
-PRECISIONS = ("fp32", "bf16", "fp16")
-FAISS_INDEXES = ("flat_ip",)
 
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
-class ConfigError(ValueError):
-    """A params value is missing, of the wrong type or not allowed."""
+MODEL = {"name": text(), "pretrained": text(optional=True, nullable=True),
+         "precision": text(PRECISIONS, optional=True)}
+SGD = {"epochs": integer(1), "batch_size": integer(2), "lr": number(0.0), "momentum": number(0.0),
+       "weight_decay": number(0.0)}
 
+LOSS = {"name": text(LOSS_NAMES), "weight": number(0.0), "reduction": text(KD_REDUCTIONS),
+        "temperature": number(1e-6), "nd_weight": number(0.0), "sinkhorn_weight": number(0.0),
+        "sinkhorn_epsilon": number(1e-6), "sinkhorn_iters": integer(1), "dual_alpha": number(0.0),
+        "dual_beta": number(1e-6)}
 
-@dataclasses.dataclass(frozen=True)
-class Field:
-    """One leaf of the schema: a check returning an error text (or None), and whether it may be absent."""
-
-    check: Callable[[Any], str | None]
-    optional: bool = False
-
-
-def _int(minimum: int | None = None, optional: bool = False) -> Field:
-    expected = "expected an integer" + (f" >= {minimum}" if minimum is not None else "")
-
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
-            return expected
-    return Field(check, optional)
-
-
-def _float(minimum: float | None = None, optional: bool = False) -> Field:
-    expected = "expected a number" + (f" >= {minimum}" if minimum is not None else "")
-
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (minimum is not None and v < minimum):
-            return expected
-    return Field(check, optional)
-
-
-def _str(choices: tuple[str, ...] | None = None, optional: bool = False, nullable: bool = False) -> Field:
-    def check(v):
-        if v is None and nullable:
-            return None
-        if not isinstance(v, str) or not v:
-            return "expected a non-empty string" + (f", one of {list(choices)}" if choices else "")
-        if choices is not None and v not in choices:
-            return f"expected one of {list(choices)}"
-    return Field(check, optional)
-
-
-def _bool(optional: bool = False) -> Field:
-    return Field(lambda v: None if isinstance(v, bool) else "expected true or false", optional)
-
-
-def _template_problem(v: str) -> str | None:
-    if not isinstance(v, str) or v.count("{}") != 1 or v.replace("{}", "").count("{") or v.count("}") != 1:
-        return "expected a prompt template with exactly one '{}' where the class name goes"
-    return None
-
-
-def _template() -> Field:
-    return Field(_template_problem)
-
-
-def _str_list(choices: tuple[str, ...] | None = None, min_len: int = 1, template: bool = False) -> Field:
-    def check(v):
-        if not isinstance(v, list) or len(v) < min_len or not all(isinstance(s, str) and s for s in v):
-            return f"expected a list of at least {min_len} non-empty strings"
-        if template and any(_template_problem(s) for s in v):
-            return f"item {next(s for s in v if _template_problem(s))!r}: {_template_problem('')}"
-        bad = [s for s in v if choices is not None and s not in choices]
-        if bad:
-            return f"{bad} not allowed; expected items from {list(choices)}"
-        if len(set(v)) != len(v):
-            return "expected no duplicates"
-    return Field(check)
-
-
-def _str_map(optional: bool = False) -> Field:
-    def check(v):
-        if not isinstance(v, dict) or not v or not all(isinstance(k, str) and isinstance(x, str) and x
-                                                       for k, x in v.items()):
-            return "expected a mapping of names to non-empty strings"
-    return Field(check, optional)
-
-
-class Tagged:
-    """A mapping whose schema depends on the value of one key (``format`` of a dataset)."""
-
-    def __init__(self, tag: str, schemas: dict[str, dict]):
-        self.tag, self.schemas = tag, schemas
-
-
-class DictOf:
-    """A mapping from user-chosen names (datasets, tasks) to entries of one schema."""
-
-    def __init__(self, schema: dict | Field, min_len: int = 1):
-        self.schema, self.min_len = schema, min_len
-
-
-MODEL = {"name": _str(), "pretrained": _str(optional=True, nullable=True),
-         "precision": _str(PRECISIONS, optional=True)}
-SGD = {"epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0), "momentum": _float(0.0),
-       "weight_decay": _float(0.0)}
-
-LOSS = {"name": _str(LOSS_NAMES), "weight": _float(0.0), "reduction": _str(KD_REDUCTIONS),
-        "temperature": _float(1e-6), "nd_weight": _float(0.0), "sinkhorn_weight": _float(0.0),
-        "sinkhorn_epsilon": _float(1e-6), "sinkhorn_iters": _int(1), "dual_alpha": _float(0.0),
-        "dual_beta": _float(1e-6)}
-
-STUDENT = {"n_tokens": _int(0), "location": _str(LOCATIONS), "depth": _int(0)}  # student visual prompts
+STUDENT = {"n_tokens": integer(0), "location": text(LOCATIONS), "depth": integer(0)}  # student visual prompts
 
 # data.datasets entries, by format. External datasets are read from `root` (see DATASETS.md).
-DIGITS = {"format": _str(("digits",)), "domains": _str_list(), "per_class": _int(1), "image_size": _int(8)}
-_EXTERNAL = {"root": _str(), "domains": _str_list(), "headline": _str(HEADLINES, optional=True)}
-_TREE = {"allow_missing_classes": _bool(optional=True)}
+DIGITS = {"format": text(("digits",)), "domains": text_list(), "per_class": integer(1), "image_size": integer(8)}
+_EXTERNAL = {"root": text(), "domains": text_list(), "headline": text(HEADLINES, optional=True)}
+_TREE = {"allow_missing_classes": boolean(optional=True)}
 
 
 def _dataset_schema(fmt: str) -> dict[str, Any]:
-    schema = {"format": _str(DATASET_FORMATS), **_EXTERNAL}
+    schema = {"format": text(DATASET_FORMATS), **_EXTERNAL}
     if fmt == "folder":
-        return {**schema, **_TREE, "classes": _str(), "folders": _str_map(optional=True)}
+        return {**schema, **_TREE, "classes": text(), "folders": text_map(optional=True)}
     if fmt == "image_list":
-        return {**schema, "classes": _str(), "lists": _str_map(), "labels": _str(("column", "folder"), optional=True)}
+        return {**schema, "classes": text(), "lists": text_map(), "labels": text(("column", "folder"), optional=True)}
     bench = benchmarks()[fmt]
     if bench["layout"] == "tree":
         schema.update(_TREE)
     if bench["layout"] == "splits" or "split_layout" in bench:
-        schema["split"] = _str(SPLITS, optional=True)
+        schema["split"] = text(SPLITS, optional=True)
     return schema
 
 
 DATASET = Tagged("format", {"digits": DIGITS, **{f: _dataset_schema(f) for f in external_formats()}})
 
 SCHEMA: dict[str, Any] = {
-    "seed": _int(0),
-    "paths": {k: _str() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
+    "seed": integer(0),
+    "paths": {k: text() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
                                   "report", "run_info", "checkpoints")},
     "data": {
-        "shard_maxcount": _int(1),
-        "shuffle_seed": _int(0),
-        "shard_workers": _int(0),
-        "max_bad_fraction": _float(0.0),
+        "shard_maxcount": integer(1),
+        "shuffle_seed": integer(0),
+        "shard_workers": integer(0),
+        "max_bad_fraction": number(0.0),
         "datasets": DictOf(DATASET),
     },
-    "tasks": DictOf({"dataset": _str(), "source": _str(), "target": _str()}),
-    "model": {"cache_dir": _str(nullable=True), "teacher": MODEL, "student": MODEL},
-    "standins": {"models": DictOf(_str(), min_len=0), "dataset": _str(), "domains": _str_list(),
-                 "templates": _str_list(template=True), "epochs": _int(1), "batch_size": _int(2), "lr": _float(0.0)},
-    "prompts": {**SGD, "template": _template(), "n_ctx": _int(0), "init": _str(PROMPT_INITS),
-                "class_specific": _bool(), "visual_tokens": _int(0), "visual_location": _str(LOCATIONS),
-                "text_weight": _float(0.0), "image_weight": _float(0.0), "kl_weight": _float(0.0),
-                "gpa_mean": _float(0.0), "gpa_std": _float(1e-6)},
-    "features": {"templates": _str_list(template=True), "batch_size": _int(1), "faiss_index": _str(FAISS_INDEXES)},
-    "distill": {**SGD, "method": _str(METHODS), "loss": LOSS, "refine_knn": _int(0),
-                "collapse_fraction": _float(0.0), "promptkd": STUDENT,
-                "ekda": {**STUDENT, "template": _template(), "n_ctx": _int(1), "init": _str(PROMPT_INITS),
-                         "visual_tokens": _int(1), "teacher_lr": _float(0.0), "text_weight": _float(0.0),
-                         "image_weight": _float(0.0), "kl_weight": _float(0.0), "ce_weight": _float(0.0),
-                         "align_weight": _float(0.0)},
-                "dapl": {"n_ctx": _int(1), "n_domain_ctx": _int(1), "class_specific": _bool(),
-                         "naive_template": _template(), "threshold": _float(0.0), "temperature": _float(1e-6),
-                         "target_weight": _float(0.0)}},
-    "evaluate": {"batch_size": _int(1)},
-    "runtime": {"device": _str(DEVICE_POLICIES), "num_workers": _int(0), "retries": _int(0),
-                "retry_delay_s": _float(0.0), "deterministic": _bool()},
+    "tasks": DictOf({"dataset": text(), "source": text(), "target": text()}),
+    "model": {"cache_dir": text(nullable=True), "teacher": MODEL, "student": MODEL},
+    "standins": {"models": DictOf(text(), min_len=0), "dataset": text(), "domains": text_list(),
+                 "templates": text_list(is_template=True), "epochs": integer(1), "batch_size": integer(2), "lr": number(0.0)},
+    "prompts": {**SGD, "template": template(), "n_ctx": integer(0), "init": text(PROMPT_INITS),
+                "class_specific": boolean(), "visual_tokens": integer(0), "visual_location": text(LOCATIONS),
+                "text_weight": number(0.0), "image_weight": number(0.0), "kl_weight": number(0.0),
+                "gpa_mean": number(0.0), "gpa_std": number(1e-6)},
+    "features": {"templates": text_list(is_template=True), "batch_size": integer(1), "faiss_index": text(FAISS_INDEXES)},
+    "distill": {**SGD, "method": text(METHODS), "loss": LOSS, "refine_knn": integer(0),
+                "collapse_fraction": number(0.0), "promptkd": STUDENT,
+                "ekda": {**STUDENT, "template": template(), "n_ctx": integer(1), "init": text(PROMPT_INITS),
+                         "visual_tokens": integer(1), "teacher_lr": number(0.0), "text_weight": number(0.0),
+                         "image_weight": number(0.0), "kl_weight": number(0.0), "ce_weight": number(0.0),
+                         "align_weight": number(0.0)},
+                "dapl": {"n_ctx": integer(1), "n_domain_ctx": integer(1), "class_specific": boolean(),
+                         "naive_template": template(), "threshold": number(0.0), "temperature": number(1e-6),
+                         "target_weight": number(0.0)}},
+    "evaluate": {"batch_size": integer(1)},
+    "runtime": {"device": text(DEVICE_POLICIES), "num_workers": integer(0), "retries": integer(0),
+                "retry_delay_s": number(0.0), "deterministic": boolean()},
 }
-
-
-def _validate(value: Any, schema: Any, key: str, errors: list[str]) -> None:
-    if isinstance(schema, Field):
-        problem = schema.check(value)
-        if problem:
-            errors.append(f"{key}: {problem}, got {value!r} ({type(value).__name__})")
-    elif isinstance(schema, Tagged):
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping with a {schema.tag!r} key, got {value!r}")
-            return
-        if schema.tag not in value:
-            errors.append(f"{key}.{schema.tag}: missing; one of {list(schema.schemas)}")
-            return
-        sub = schema.schemas.get(value[schema.tag]) if isinstance(value[schema.tag], str) else None
-        if sub is None:
-            errors.append(f"{key}.{schema.tag}: expected one of {list(schema.schemas)}, got {value[schema.tag]!r}")
-            return
-        _validate(value, sub, key, errors)
-    elif isinstance(schema, DictOf):
-        if not isinstance(value, dict) or len(value) < schema.min_len:
-            errors.append(f"{key}: expected a mapping of at least {schema.min_len} named entries, got {value!r}")
-            return
-        for name, entry in value.items():
-            _validate(entry, schema.schema, f"{key}.{name}", errors)
-    else:
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping with keys {sorted(schema)}, got {value!r}")
-            return
-        for extra in sorted(set(value) - set(schema)):
-            errors.append(f"{key + '.' if key else ''}{extra}: unknown key; allowed keys here: {sorted(schema)}")
-        for name, sub in schema.items():
-            full = f"{key}.{name}" if key else name
-            if name not in value:
-                if not (isinstance(sub, Field) and sub.optional):
-                    errors.append(f"{full}: missing")
-                continue
-            _validate(value[name], sub, full, errors)
 
 
 def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
@@ -315,7 +186,7 @@ def _external_checks(name: str, ds: dict[str, Any], errors: list[str]) -> None:
 def validate_params(params: Any, *, source: str = "params.yaml") -> dict[str, Any]:
     """Return ``params`` if valid, else raise :class:`ConfigError` listing every problem found."""
     errors: list[str] = []
-    _validate(params, SCHEMA, "", errors)
+    validate(params, SCHEMA, "", errors)
     if not errors:
         _cross_checks(params, errors)
     if errors:

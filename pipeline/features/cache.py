@@ -18,6 +18,8 @@ from pipeline.io import atomic_write, read_json
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedTeacher
 
+FAISS_INDEXES = ("flat_ip",)
+
 
 def domain_dir(features_root: str | Path, dataset: str, domain: str) -> Path:
     """Where a domain's teacher features live: ``features.npy``, ``keys.json``, ``index.faiss``."""

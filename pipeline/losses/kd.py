@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+REDUCTIONS = ("batchmean", "numel")  # sum / B, or sum / (B*C) (Dassl lineage)
+
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
                   reduction: str = "batchmean") -> torch.Tensor:

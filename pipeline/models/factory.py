@@ -29,9 +29,8 @@ from pipeline.io import atomic_dir
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(CONFIG_DIR)  # architectures as data: the repo's JSON configs become model names
 
-from pipeline.config import PRECISIONS  # noqa: E402
-
 LOCAL_DIR = "local-dir:"
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ModelWeightsError(RuntimeError):

@@ -19,9 +19,9 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.config import LOCATIONS, PROMPT_INITS
 
-
+PROMPT_INITS = ("word", "random")  # word: from the init words' embeddings; random: N(0, 0.02) (CDU/EKDA)
+LOCATIONS = ("middle", "append")   # visual prompts after the class token (VPT) or after the patches (IVLP)
 
 class PromptTokens(nn.Module):
     """Tokenised prompts (one per row) whose tokens 1..n_ctx are replaced by given context vectors.

@@ -8,7 +8,8 @@ from typing import Iterator
 import pipeline  # noqa: F401  (environment defaults and the torchvision guard before torch)
 import torch
 
-from pipeline.config import DEVICE_POLICIES as POLICIES
+DEVICE_POLICIES = ("auto", "cpu", "cuda")
+POLICIES = DEVICE_POLICIES
 
 
 def visible_devices(policy: str = "auto") -> list[str]:
