@@ -2,7 +2,8 @@
 
 The two-stage (PromptKD/CDU-style) step trains the same student from cached teacher logits, so it runs no
 teacher at all. All variants use the same models, batch and optimiser settings, the real EKDA step
-functions (:func:`pipeline.methods.ekda.teacher_step` / ``student_step``), and alternate for ``--repeats``
+losses (:func:`pipeline.methods.ekda.teacher_loss` / ``student_loss``) with the training shell's update
+(:func:`pipeline.methods.training.update`), and alternate for ``--repeats``
 rounds; medians are compared, so machine noise hits every variant alike. Weights are random (compute is
 what is measured), so real architectures can be timed offline. On CUDA the peak memory of each variant is
 measured too. Prints one JSON object.
@@ -22,7 +23,8 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
-from pipeline.methods.ekda import student_step, teacher_step
+from pipeline.methods.ekda import student_loss, teacher_loss
+from pipeline.methods.training import update
 from pipeline.models.factory import ModelSpec, autocast, load_model
 from pipeline.models.prompted import PromptedStudent, PromptedTeacher
 
@@ -65,11 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     precisions = (args.precision, args.precision)
 
     def run_teacher():
-        teacher_step(teacher, opt_t, x_s, y, zs_text=zs_text, zs_image=zs_image, scale=100.0,
-                     precision=args.precision, weights=SCL)
+        value, _ = teacher_loss(teacher, x_s, y, zs_text=zs_text, zs_image=zs_image, scale=100.0,
+                                precision=args.precision, weights=SCL)
+        update(opt_t, value, where="bench teacher step")
 
     def run_student():
-        student_step(teacher, student, loss, opt_s, x_t, scale=100.0, precisions=precisions, ekda=EKDA)
+        value, _, _ = student_loss(teacher, student, loss, x_t, scale=100.0, precisions=precisions, ekda=EKDA)
+        update(opt_s, value, where="bench student step")
 
     def run_two_stage():  # student from cached logits: no teacher forward, KD loss only
         student.train()
@@ -77,9 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         with autocast(args.precision, dev):
             f_s = student.embed(x_t).float()
         value, _ = loss(100 * F.normalize(f_s, dim=-1) @ zs_text.t(), cached)
-        opt_s.zero_grad(set_to_none=True)
-        value.backward()
-        opt_s.step()
+        update(opt_s, value, where="bench two-stage step")
 
     variants = {"teacher_step": run_teacher, "student_step": run_student,
                 "ekda_iteration": lambda: (run_teacher(), run_student()), "two_stage_step": run_two_stage}

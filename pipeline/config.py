@@ -1,8 +1,11 @@
 """Load and validate ``params.yaml`` before any work.
 
-The schema is data (:data:`SCHEMA`): every key a stage may read, with its type and allowed values. Unknown
-keys are errors too, so a typo such as ``distill.epoch`` cannot silently fall back to a default. Errors name
-the key, the value found and what was expected.
+The schema is data (:data:`SCHEMA`, in the language of :mod:`pipeline.schema`): every key a stage may read,
+with its type and allowed values. Unknown keys are errors too, so a typo such as ``distill.epoch`` cannot
+silently fall back to a default. Errors name the key, the value found and what was expected. The blocks of
+the methods (``distill.<method>``) and losses (``distill.loss``) come from their registries, with the
+defaults each module declares: a block or key left out gets its default (filled in here, so stages and
+run records see every value). Enumerations are imported from the code that implements them.
 """
 from __future__ import annotations
 
@@ -17,13 +20,13 @@ from pipeline.data.classlists import available_classlists
 from pipeline.data.digits import DOMAINS as DIGITS_DOMAINS
 from pipeline.features.cache import FAISS_INDEXES
 from pipeline.losses.kd import REDUCTIONS as KD_REDUCTIONS
+from pipeline.methods import METHODS
 from pipeline.models.factory import PRECISIONS
 from pipeline.models.prompted import LOCATIONS, PROMPT_INITS
 from pipeline.orchestration.devices import DEVICE_POLICIES
 from pipeline.schema import (ConfigError, DictOf, Tagged, boolean, integer, number, template, text, text_list,
                              text_map, validate)
 
-METHODS = ("promptkd", "ekda", "dapl")
 LOSS_NAMES = ("kl", "nd", "sinkhorn", "dual_head", "binary_kl")  # pipeline.losses implements each
 DATASET_FORMATS = ("digits", *external_formats())
 
@@ -41,7 +44,6 @@ LOSS = {"name": text(LOSS_NAMES), "weight": number(0.0), "reduction": text(KD_RE
         "sinkhorn_epsilon": number(1e-6), "sinkhorn_iters": integer(1), "dual_alpha": number(0.0),
         "dual_beta": number(1e-6)}
 
-STUDENT = {"n_tokens": integer(0), "location": text(LOCATIONS), "depth": integer(0)}  # student visual prompts
 
 # data.datasets entries, by format. External datasets are read from `root` (see DATASETS.md).
 DIGITS = {"format": text(("digits",)), "domains": text_list(), "per_class": integer(1), "image_size": integer(8)}
@@ -85,15 +87,9 @@ SCHEMA: dict[str, Any] = {
                 "text_weight": number(0.0), "image_weight": number(0.0), "kl_weight": number(0.0),
                 "gpa_mean": number(0.0), "gpa_std": number(1e-6)},
     "features": {"templates": text_list(is_template=True), "batch_size": integer(1), "faiss_index": text(FAISS_INDEXES)},
-    "distill": {**SGD, "method": text(METHODS), "loss": LOSS, "refine_knn": integer(0),
-                "collapse_fraction": number(0.0), "promptkd": STUDENT,
-                "ekda": {**STUDENT, "template": template(), "n_ctx": integer(1), "init": text(PROMPT_INITS),
-                         "visual_tokens": integer(1), "teacher_lr": number(0.0), "text_weight": number(0.0),
-                         "image_weight": number(0.0), "kl_weight": number(0.0), "ce_weight": number(0.0),
-                         "align_weight": number(0.0)},
-                "dapl": {"n_ctx": integer(1), "n_domain_ctx": integer(1), "class_specific": boolean(),
-                         "naive_template": template(), "threshold": number(0.0), "temperature": number(1e-6),
-                         "target_weight": number(0.0)}},
+    "distill": {**SGD, "method": text(tuple(METHODS)), "loss": LOSS, "refine_knn": integer(0),
+                "collapse_fraction": number(0.0, maximum=1.0, exclusive_min=True),
+                **{name: method.params for name, method in METHODS.items()}},  # each method's own block
     "evaluate": {"batch_size": integer(1)},
     "runtime": {"device": text(DEVICE_POLICIES), "num_workers": integer(0), "retries": integer(0),
                 "retry_delay_s": number(0.0), "deterministic": boolean()},
@@ -145,16 +141,9 @@ def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
                 if (st["dataset"], domain) in targets:
                     errors.append(f"standins.domains: {domain!r} is the target of a task; stand-ins must be "
                                   f"pretrained on other domains than the tasks' targets")
-    d = p["distill"]
-    for method in ("promptkd", "ekda"):
-        if d[method]["n_tokens"] == 0 and d[method]["depth"] not in (0, 1):
-            errors.append(f"distill.{method}.depth: deep prompts need distill.{method}.n_tokens > 0")
-    if d["ekda"]["n_tokens"] == 0:
-        errors.append("distill.ekda.n_tokens: EKDA's student learns visual prompts; expected > 0")
-    if not 0.0 < d["collapse_fraction"] <= 1.0:
-        errors.append(f"distill.collapse_fraction: expected a fraction in (0, 1], got {d['collapse_fraction']!r}")
-    if d["loss"]["dual_alpha"] > 1.0:
-        errors.append(f"distill.loss.dual_alpha: expected a weight in [0, 1], got {d['loss']['dual_alpha']!r}")
+    for method in METHODS.values():
+        if method.check is not None:
+            method.check(p, errors)
     pr = p["prompts"]
     if pr["n_ctx"] == 0 and pr["visual_tokens"] == 0:
         errors.append("prompts: n_ctx and visual_tokens are both 0, so nothing would be learned; set either")

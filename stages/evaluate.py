@@ -6,19 +6,19 @@ separately and labelled as selected on target labels (oracle).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import SIDES, Artifacts
 from pipeline.data.benchmarks import headline_metric
 from pipeline.data.shards import read_labels
 from pipeline.evaluation.metrics import classification_metrics, epoch_summary
-from pipeline.features.cache import domain_keys, task_dir
 from pipeline.io import atomic_dir, atomic_write_json, read_json
 from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir, start, task_label
 
 STAGE = "evaluate"
 PROTOCOL = "transductive UDA: the student trains on all (unlabelled) target images and is tested on them"
+EXTRA_NOTE = "not in the paper: another inference rule of the same trained model, reported for comparison"
 
 
 def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) -> np.ndarray:
@@ -35,27 +35,28 @@ def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) ->
 
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
-    features, distilled = Path(params["paths"]["features"]), Path(params["paths"]["distill"])
+    artifacts = Artifacts(params["paths"])
     with atomic_dir(params["paths"]["evaluate"]) as tmp:
         def work(name, task, _device):
-            cached = task_dir(features, name)
-            classes = read_json(cached / "meta.json")["classes"]
+            cached, student = artifacts.features.task(name), artifacts.student(name)
+            classes = cached.meta()["classes"]
             models: dict = {"zeroshot_teacher": {}, "source_teacher": {}}
-            for side in ("source", "target"):
-                keys = domain_keys(features, task["dataset"], task[side])
+            for side in SIDES:
+                keys = artifacts.features.domain(task["dataset"], task[side]).keys()
                 y = labels_in_order(params, task["dataset"], task[side], keys)
                 models["zeroshot_teacher"][side] = classification_metrics(
-                    y, np.load(cached / f"zeroshot_preds_{side}.npy"), len(classes))
-                models["source_teacher"][side] = epoch_summary(
-                    y, np.load(cached / f"teacher_preds_{side}.npy"), len(classes))
-            student_keys = read_json(distilled / name / "keys.json")
-            y = labels_in_order(params, task["dataset"], task["target"], student_keys)
-            models["student"] = {"target": epoch_summary(y, np.load(distilled / name / "predictions.npy"),
-                                                         len(classes))}
-            method = read_json(distilled / name / "train_log.json")["method"]
+                    y, np.load(cached.zeroshot_preds(side)), len(classes))
+                models["source_teacher"][side] = epoch_summary(y, np.load(cached.teacher_preds(side)), len(classes))
+            y = labels_in_order(params, task["dataset"], task["target"], read_json(student.keys))
+            models["student"] = {"target": epoch_summary(y, np.load(student.predictions), len(classes))}
+            extras = {f"student_{rule}": {"target": epoch_summary(y, preds, len(classes)), "note": EXTRA_NOTE}
+                      for rule, preds in student.read_extra_predictions().items()}
+            method = read_json(student.train_log)["method"]
             result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "method": method,
                       "models": models, "headline": headline_metric(params["data"]["datasets"][task["dataset"]])}
-            atomic_write_json(tmp / name / "metrics.json", result)
+            if extras:
+                result["extras"] = extras
+            atomic_write_json(artifacts.writing(STAGE, tmp).evaluation(name).metrics, result)
             return models["student"]["target"]["last"]["acc"]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params), on_gpu=False)

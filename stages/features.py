@@ -6,21 +6,20 @@ Phase 2, one item per task: zero-shot and learned-prompt class vectors (one set 
 GPA aggregate when used), the target logits the student distils from, and the teacher's per-epoch
 predictions for the evaluate stage. A teacher with visual prompts has task-specific image features: they
 are re-encoded with the reported prompts (``target_features.npy``) and only that state is scored.
-No labels are read here.
+No labels are read here. File names and contents: :mod:`pipeline.artifacts`.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.artifacts import SIDES, Artifacts
 from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
-from pipeline.features.cache import (build_index, domain_dir, encode_images, encode_shards, logits,
-                                     prompted_vectors, save_index, task_dir, zero_shot_vectors)
-from pipeline.methods.source_prompts import build_teacher
+from pipeline.features.cache import (build_index, encode_images, encode_shards, logits, prompted_vectors,
+                                     save_index, zero_shot_vectors)
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json
+from pipeline.methods.shared import build_teacher
 from pipeline.models.factory import assert_same_identity, load_model
 from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
                                           start, task_label)
@@ -32,24 +31,27 @@ def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
     ft, rt = params["features"], params["runtime"]
     spec = checked_model_spec(params, "teacher")  # before any work
-    prompts_dir = Path(params["paths"]["prompts"])
+    artifacts = Artifacts(params["paths"])
     with atomic_dir(params["paths"]["features"]) as tmp:
+        cache = artifacts.writing(STAGE, tmp).features
+
         def domain_work(name, pair, device):
             teacher = load_model(spec, device=device)
             keys, feats = encode_images(teacher, shard_dir(params, *pair), batch_size=ft["batch_size"],
                                         device=device, num_workers=rt["num_workers"], desc=f"features {name}")
-            out = domain_dir(tmp, *pair)
-            atomic_save_npy(out / "features.npy", feats)
-            atomic_write_json(out / "keys.json", keys)
+            out = cache.domain(*pair)
+            atomic_save_npy(out.features_path, feats)
+            atomic_write_json(out.keys_path, keys)
             index, meta = build_index(feats, index_type=ft["faiss_index"], device=device)
-            save_index(index, out / "index.faiss")
-            atomic_write_json(out / "index.json", {**meta, "model": teacher.identity})
+            save_index(index, out.index_path)
+            atomic_write_json(out.index_meta_path, {**meta, "model": teacher.identity})
             return {"n": len(keys)}
 
         def task_work(name, task, device):
             model = load_model(spec, device=device)
-            prompt = torch.load(prompts_dir / name / "prompt.pt", map_location="cpu", weights_only=True)
-            assert_same_identity(model.identity, prompt["identity"], what=f"prompts/{name}/prompt.pt")
+            prompt_path = artifacts.prompts(name).prompt
+            prompt = torch.load(prompt_path, map_location="cpu", weights_only=True)
+            assert_same_identity(model.identity, prompt["identity"], what=str(prompt_path))
             classnames = [prompt_name(c) for c in prompt["classes"]]
             zero_shot = zero_shot_vectors(model, classnames, ft["templates"], device=device)
             teacher = build_teacher(model, classnames, prompt["config"]).to(device).eval()
@@ -58,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
             if teacher.vision is not None:  # image features depend on the prompts: the reported state only
                 rows = [prompt["reported"]]
             per_epoch = prompted_vectors(teacher, rows, precision=model.spec.precision, device=device)
-            out, scale = task_dir(tmp, name), model.logit_scale
-            for side in ("source", "target"):
-                plain = np.load(domain_dir(tmp, task["dataset"], task[side]) / "features.npy")
+            out, scale = cache.task(name), model.logit_scale
+            for side in SIDES:
+                plain = cache.domain(task["dataset"], task[side]).features()
                 feats = plain
                 if teacher.vision is not None:
                     _, encoded, _ = encode_shards(teacher.image_features, shard_dir(params, task["dataset"], task[side]),
@@ -69,15 +71,14 @@ def main(argv: list[str] | None = None) -> None:
                                                   num_workers=rt["num_workers"], desc=f"prompted features {side}")
                     feats = encoded.numpy().astype(np.float32)
                     if side == "target":
-                        atomic_save_npy(out / "target_features.npy", feats)
-                atomic_save_npy(out / f"zeroshot_preds_{side}.npy", logits(plain, zero_shot, scale).argmax(1))
-                atomic_save_npy(out / f"teacher_preds_{side}.npy",
-                                np.stack([logits(feats, w, scale).argmax(1) for w in per_epoch]))
+                        atomic_save_npy(out.target_features, feats)
+                atomic_save_npy(out.zeroshot_preds(side), logits(plain, zero_shot, scale).argmax(1))
+                atomic_save_npy(out.teacher_preds(side), np.stack([logits(feats, w, scale).argmax(1) for w in per_epoch]))
                 if side == "target":
-                    atomic_save_npy(out / "target_logits.npy", logits(feats, per_epoch[-1], scale))
-            atomic_save_npy(out / "class_vectors.npy", per_epoch[-1])  # shared with the student
-            atomic_save_npy(out / "zeroshot_vectors.npy", zero_shot)
-            atomic_write_json(out / "meta.json", {
+                    atomic_save_npy(out.target_logits, logits(feats, per_epoch[-1], scale))
+            atomic_save_npy(out.class_vectors, per_epoch[-1])  # shared with the student
+            atomic_save_npy(out.zeroshot_vectors, zero_shot)
+            atomic_write_json(out.meta_path, {
                 "task": task, "classes": prompt["classes"], "logit_scale": scale, "templates": ft["templates"],
                 "model": model.identity, "prompt_epochs": len(prompt["states"]), "gpa": prompt["gpa"],
                 "teacher_rows": len(per_epoch), "visual_prompts": teacher.vision is not None})

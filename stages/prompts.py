@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.artifacts import Artifacts
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_classes
 from pipeline.features.cache import zero_shot_vectors
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
-from pipeline.methods.source_prompts import TEACHER_KEYS, train_source_prompts
+from pipeline.methods.shared import TEACHER_KEYS
+from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
 from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
                                           start, task_label)
@@ -38,11 +40,12 @@ def main(argv: list[str] | None = None) -> None:
                 shard_dir=shard_dir(params, task["dataset"], task["source"]), epochs=pr["epochs"],
                 batch_size=pr["batch_size"], lr=pr["lr"], momentum=pr["momentum"], weight_decay=pr["weight_decay"],
                 seed=params["seed"], device=device, num_workers=rt["num_workers"], deterministic=rt["deterministic"])
-            atomic_torch_save(tmp / name / "prompt.pt", {
+            out_dir = Artifacts(params["paths"]).writing(STAGE, tmp).prompts(name)
+            atomic_torch_save(out_dir.prompt, {
                 "states": out["states"], "reported": out["reported"], "gpa": out["gpa"],
                 "config": {k: pr[k] for k in TEACHER_KEYS}, "classes": classes, "identity": teacher.identity,
                 "logit_scale": out["logit_scale"], "task": task})
-            atomic_write_json(tmp / name / "train_log.json", {"trainable_params": out["trainable_params"],
+            atomic_write_json(out_dir.train_log, {"trainable_params": out["trainable_params"],
                                                               "epochs": out["log"]})
             return out["log"][-1]
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.artifacts import Artifacts
 from pipeline.evaluation.report import build_report
 from pipeline.io import atomic_dir, read_json
 from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
@@ -12,11 +13,11 @@ STAGE = "report"
 
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
-    evaluated, out = Path(params["paths"]["evaluate"]), Path(params["paths"]["report"])
+    artifacts, out = Artifacts(params["paths"]), Path(params["paths"]["report"])
 
     with atomic_dir(out) as tmp:
         def work(_name, _item, _device):
-            metrics = {task: read_json(evaluated / task / "metrics.json") for task in params["tasks"]}
+            metrics = {task: read_json(artifacts.evaluation(task).metrics) for task in params["tasks"]}
             return build_report(metrics, tmp)
 
         run_stage_items(STAGE, params, {"report": None}, work, label=task_label(params), on_gpu=False)

@@ -10,10 +10,10 @@ from pipeline.data.classlists import load_classlist, prompt_name
 from pipeline.data.shards import read_labels
 from pipeline.features.cache import encode_images, logits, zero_shot_vectors
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
-from pipeline.methods.common import EpochRecorder, TrainingCollapsed
+from pipeline.methods.training import EpochRecorder, TrainingCollapsed
 from pipeline.methods.dapl import masked_pseudo_label_ce, naive_probabilities, train_dapl
 from pipeline.methods.ekda import train_ekda
-from pipeline.methods.promptkd import KeyedRows
+from pipeline.methods.shared import KeyedRows
 from pipeline.methods.refine import KnnRefiner
 from pipeline.methods.source_prompts import (aggregate_states, gaussian_weights, teacher_step_loss,
                                              train_source_prompts)
@@ -47,18 +47,18 @@ def test_ekda_trains_teacher_and_student_without_target_labels(teacher, student,
     target = copy_without_labels(digits_shards["mnist"], tmp_path / "mnist")
     before = {k: p.detach().clone() for k, p in teacher.model.named_parameters()}
     out = _ekda(teacher, student, digits_shards, target, cached, tmp_path)
-    assert out["predictions"].shape == (2, 60) and out["keys"] == cached["mnist"][0]
+    assert out.predictions.shape == (2, 60) and out.keys == cached["mnist"][0]
     # teacher: text ctx 2x64 + visual 2x64; student: prompts 2 layers x 2 x 32 + projector 32 -> 64
-    assert out["trainable_by_part"] == {"teacher": 2 * 64 + 2 * 64,
+    assert out.log_extra["trainable_by_part"] == {"teacher": 2 * 64 + 2 * 64,
                                         "student": 2 * 2 * 32 + (32 * 64 + 64) + 2 * 64 + (64 * 64 + 64)}
-    assert out["log"][0]["iterations"] == 4  # epoch = number of source batches (60 / 16)
-    assert out["class_vectors"].shape == (10, 64)
-    assert not np.allclose(out["class_vectors"], cached["zs"], atol=1e-3)  # the teacher kept adapting
+    assert out.log[0]["iterations"] == 4  # epoch = number of source batches (60 / 16)
+    assert out.class_vectors.shape == (10, 64)
+    assert not np.allclose(out.class_vectors, cached["zs"], atol=1e-3)  # the teacher kept adapting
     assert all(torch.equal(p, before[k]) for k, p in teacher.model.named_parameters())  # CLIP frozen
     saved = torch.load(tmp_path / "ekda.pt", weights_only=True)
     assert saved["epoch"] == 2 and set(saved["state"]) == {"teacher", "student", "loss"}
     again = _ekda(teacher, student, digits_shards, target, cached, tmp_path)
-    assert np.array_equal(out["predictions"], again["predictions"])  # seeded: repeatable on CPU
+    assert np.array_equal(out.predictions, again.predictions)  # seeded: repeatable on CPU
 
 
 def test_ekda_with_knn_refined_pseudo_labels_and_nd_loss(teacher, student, digits_shards, cached, tmp_path):
@@ -67,7 +67,7 @@ def test_ekda_with_knn_refined_pseudo_labels_and_nd_loss(teacher, student, digit
     nd = build_distill_loss({**LOSS_DEFAULTS, "name": "nd"}, n_classes=10, feature_dim=64)
     out = _ekda(teacher, student, digits_shards, digits_shards["mnist"], cached, tmp_path, refiner=refiner,
                 loss=nd, epochs=1)
-    assert out["predictions"].shape == (1, 60) and math.isfinite(out["log"][0]["student_loss"])
+    assert out.predictions.shape == (1, 60) and math.isfinite(out.log[0]["student_loss"])
     assert not np.allclose(refiner.bank.numpy(), 0.1)  # fresh teacher probabilities entered the bank
 
 
@@ -85,12 +85,12 @@ def _dapl(teacher, digits_shards, cached, **kw):
 
 def test_dapl_learns_domain_prompts(teacher, digits_shards, cached):
     out = _dapl(teacher, digits_shards, cached)
-    assert out["predictions"].shape == (3, 60) and out["trainable_params"] == 2 * 64 + 2 * 2 * 64
-    assert out["log"][-1]["source_ce"] < out["log"][0]["source_ce"]
-    assert out["log"][0]["pseudo_labels_kept"] == 1.0  # threshold 0 keeps every target sample
-    assert set(out["state"]["prompts"]) == {"ctx", "domain_ctx"}
+    assert out.predictions.shape == (3, 60) and out.trainable_params == 2 * 64 + 2 * 2 * 64
+    assert out.log[-1]["source_ce"] < out.log[0]["source_ce"]
+    assert out.log[0]["pseudo_labels_kept"] == 1.0  # threshold 0 keeps every target sample
+    assert set(out.state["prompts"]) == {"ctx", "domain_ctx"}
     strict = _dapl(teacher, digits_shards, cached, dapl={**DAPL, "threshold": 1.01}, epochs=1)
-    assert strict["log"][0]["pseudo_labels_kept"] == 0.0 and math.isfinite(strict["log"][0]["loss"])
+    assert strict.log[0]["pseudo_labels_kept"] == 0.0 and math.isfinite(strict.log[0]["loss"])
 
 
 def test_masked_pseudo_label_ce_by_hand():

@@ -7,9 +7,10 @@ from conftest import copy_without_labels
 from pipeline.data.classlists import load_classlist, prompt_name
 from pipeline.data.shards import read_labels
 from pipeline.features.cache import encode_images, logits
-from pipeline.methods.common import TrainingDiverged, check_finite
+from pipeline.methods.training import TrainingDiverged, check_finite
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
-from pipeline.methods.promptkd import KeyedRows, distill_promptkd
+from pipeline.methods.promptkd import distill_promptkd
+from pipeline.methods.shared import KeyedRows
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import ModelSpec, load_model
 
@@ -54,15 +55,15 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
                 momentum=0.9, weight_decay=0.0, n_tokens=2, location="append", depth=2, seed=0, device="cpu",
                 checkpoint_path=tmp_path / "ckpt.pt")
     out = distill_promptkd(**args)
-    assert out["predictions"].shape == (3, 60) and out["keys"] == keys
-    assert out["log"][-1]["loss"] < out["log"][0]["loss"]
+    assert out.predictions.shape == (3, 60) and out.keys == keys
+    assert out.log[-1]["loss"] < out.log[0]["loss"]
     teacher_pred = cached(keys).argmax(1).numpy()
-    assert (out["predictions"][-1] == teacher_pred).mean() > (out["predictions"][0] == teacher_pred).mean() - 0.05
+    assert (out.predictions[-1] == teacher_pred).mean() > (out.predictions[0] == teacher_pred).mean() - 0.05
     # trainable: prompts 2x2x32 + projector 32->64 (linear, BN, linear)
-    assert out["trainable_params"] == 2 * 2 * 32 + (32 * 64 + 64) + 2 * 64 + (64 * 64 + 64)
+    assert out.trainable_params == 2 * 2 * 32 + (32 * 64 + 64) + 2 * 64 + (64 * 64 + 64)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 3
     again = distill_promptkd(**args)
-    assert np.array_equal(out["predictions"], again["predictions"])
+    assert np.array_equal(out.predictions, again.predictions)
 
 
 def test_missing_teacher_logits_name_the_key():
@@ -97,5 +98,5 @@ def test_student_trains_under_autocast_precision_and_records_it(digits_shards, p
                            loss=build_distill_loss(LOSS_DEFAULTS, n_classes=10, feature_dim=64),
                            shard_dir=digits_shards["mnist"], epochs=1, batch_size=16, lr=0.05, momentum=0.9,
                            weight_decay=0.0, n_tokens=2, location="middle", depth=0, seed=0, device="cpu")
-    assert np.isfinite(out["log"][0]["loss"]) and out["predictions"].shape == (1, 60)
-    assert out["state"]["student"]["encoder.prompts"].shape == (2, 2, 32)  # depth 0: every layer (2 here)
+    assert np.isfinite(out.log[0]["loss"]) and out.predictions.shape == (1, 60)
+    assert out.state["student"]["encoder.prompts"].shape == (2, 2, 32)  # depth 0: every layer (2 here)

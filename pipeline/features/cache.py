@@ -101,6 +101,13 @@ def logits(features: np.ndarray, class_vectors: np.ndarray, logit_scale: float) 
     return (logit_scale * features @ class_vectors.T).astype(np.float32)
 
 
+def softmax_np(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a numpy array (stable)."""
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
 def _faiss():
     import faiss  # imported lazily: faiss-cpu or faiss-gpu, whichever extra is installed
 

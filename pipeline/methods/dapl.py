@@ -1,4 +1,6 @@
-"""DAPL: domain adaptation via prompt learning (methods.md section 5), on a frozen CLIP.
+"""DAPL: domain adaptation via prompt learning, on a frozen CLIP.
+
+Ge et al., "Domain Adaptation via Prompt Learning", TNNLS 2023 (``LeapLabTHU/DAPrompt``).
 
 Prompt of class k in domain d: ``[SOS][v_1..v_n domain-agnostic][d_1..d_m of domain d] {class}, a {domain}
 image.`` Logits are s * f @ t^T over one block of C columns per domain, the softmax of every loss is taken
@@ -13,19 +15,30 @@ The original's quirks (amp-only, cosine stepped per iteration) are fixed: the co
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from pipeline.methods.common import EpochRecorder, check_finite, seeded, sgd_with_cosine
-from pipeline.methods.refine import softmax_np
+from pipeline.features.cache import softmax_np, zero_shot_vectors
+from pipeline.methods import param_counts
+from pipeline.methods.base import Method, MethodResult, TaskJob
+from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptTokens, own_parameters, own_state
+from pipeline.schema import Block, boolean, integer, number, template
+
+PARAMS = Block({
+    "n_ctx": integer(1, default=16),          # domain-agnostic context tokens (DAPL: 16)
+    "n_domain_ctx": integer(1, default=16),   # domain-specific context tokens, one set per domain (DAPL: 16)
+    "class_specific": boolean(default=False),
+    "naive_template": template(default="a photo of a {}."),  # frozen prompt that makes the pseudo-labels
+    "threshold": number(0.0, default=0.5),    # pseudo-label confidence threshold tau
+    "temperature": number(0.0, exclusive_min=True, default=1.0),
+    "target_weight": number(0.0, default=1.0),  # U: weight of the masked target CE
+})
 
 
 class DaplPrompts(nn.Module):
@@ -76,59 +89,88 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
                source_labels: np.ndarray, target_keys: list[str], target_features: np.ndarray,
                naive_probs: np.ndarray, dapl: dict[str, Any], epochs: int, batch_size: int, lr: float,
                momentum: float, weight_decay: float, seed: int, device: str, collapse_fraction: float = 1.0,
-               deterministic: bool = True, checkpoint_path=None) -> dict[str, Any]:
+               deterministic: bool = True, checkpoint_path=None) -> MethodResult:
     """Learn DAPL prompts from cached source (labelled) and target (unlabelled) teacher image features."""
     scale, precision = model.logit_scale, model.spec.precision
     model.model.to(device)
     with seeded(seed, deterministic=deterministic) as generator:
-        prompts = DaplPrompts(model.model, model.tokenizer, classnames, list(domains), n_ctx=dapl["n_ctx"],
-                              n_domain_ctx=dapl["n_domain_ctx"], class_specific=dapl["class_specific"]).to(device)
+        prompts = make_prompts(model.model, model.tokenizer, classnames, list(domains), dapl).to(device)
     fs, ys = torch.from_numpy(source_features).float().to(device), torch.from_numpy(source_labels).long().to(device)
     ft, pt = torch.from_numpy(target_features).float().to(device), torch.from_numpy(naive_probs).float().to(device)
     trainable = prompts.trainable_parameters()
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
-    recorder = EpochRecorder(n_classes=len(classnames), collapse_fraction=collapse_fraction,
-                             checkpoint_path=checkpoint_path, where="dapl")
-    target_order, t_pos = torch.randperm(len(ft), generator=generator), 0
-    for epoch in tqdm(range(1, epochs + 1), desc="dapl epochs", unit="epoch"):
-        prompts.train()
-        start, sums, steps, kept_total, seen = time.perf_counter(), {"loss": 0.0, "source_ce": 0.0}, 0, 0, 0
+    target = {"order": torch.randperm(len(ft), generator=generator), "pos": 0}
+
+    def batches(_epoch: int):
         source_order = torch.randperm(len(fs), generator=generator)
         for i in range(0, len(source_order), batch_size):  # epoch = number of source batches
             s_idx = source_order[i:i + batch_size].to(device)
-            if t_pos + len(s_idx) > len(target_order):  # exhausted: restart the target iterator
-                target_order, t_pos = torch.randperm(len(ft), generator=generator), 0
-            t_idx = target_order[t_pos:t_pos + len(s_idx)].to(device)
-            t_pos += len(s_idx)
-            with autocast(precision, device):
-                text = prompts().float()
-            source_ce = F.cross_entropy(scale * fs[s_idx] @ text[0].t(), ys[s_idx])
-            target_ce, kept = masked_pseudo_label_ce(scale * ft[t_idx] @ text[1].t(), pt[t_idx], dapl["threshold"])
-            loss = source_ce + dapl["target_weight"] * target_ce
-            check_finite(loss, where=f"dapl epoch {epoch}", checkpoint=str(checkpoint_path)
-                         if checkpoint_path and epoch > 1 else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps, kept_total, seen = steps + 1, kept_total + kept, seen + len(t_idx)
-            sums["loss"] += loss.item()
-            sums["source_ce"] += source_ce.item()
-        lr_used = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+            if target["pos"] + len(s_idx) > len(target["order"]):  # exhausted: restart the target iterator
+                target["order"], target["pos"] = torch.randperm(len(ft), generator=generator), 0
+            t_idx = target["order"][target["pos"]:target["pos"] + len(s_idx)].to(device)
+            target["pos"] += len(s_idx)
+            yield s_idx, t_idx
+
+    def step(batch, _it):
+        s_idx, t_idx = batch
+        with autocast(precision, device):
+            text = prompts().float()
+        source_ce = F.cross_entropy(scale * fs[s_idx] @ text[0].t(), ys[s_idx])
+        target_ce, kept = masked_pseudo_label_ce(scale * ft[t_idx] @ text[1].t(), pt[t_idx], dapl["threshold"])
+        value = source_ce + dapl["target_weight"] * target_ce
+        return value, {"loss": value.item(), "source_ce": source_ce.item(), "pseudo_labels_kept": kept / len(t_idx)}
+
+    def predict() -> Prediction:
         prompts.eval()
         with torch.no_grad(), autocast(precision, device):
             text = prompts().float()
-        preds = (ft @ text[1].t()).argmax(1).cpu().numpy()
-        recorder.add(epoch, target_keys, preds, {
-            "epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}, "lr": lr_used,
-            "pseudo_labels_kept": round(kept_total / max(seen, 1), 4), "seconds": time.perf_counter() - start},
-            state={"prompts": prompts.trainable_state()})
-    return {**recorder.result(), "state": {"prompts": prompts.trainable_state()},
-            "trainable_params": sum(p.numel() for p in trainable)}
+        return Prediction(target_keys, (ft @ text[1].t()).argmax(1).cpu().numpy())
+
+    state = lambda: {"prompts": prompts.trainable_state()}  # noqa: E731
+    out = fit(where="dapl", epochs=epochs, batches=batches, steps=[Step("prompts", step, optimizer, scheduler)],
+              predict=predict, state=state, train_mode=prompts.train, n_classes=len(classnames),
+              collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
+    return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
+                        trainable_params=sum(p.numel() for p in trainable))
+
+
+def make_prompts(clip, tokenizer, classnames: list[str], domains: list[str], dapl: dict[str, Any]) -> DaplPrompts:
+    return DaplPrompts(clip, tokenizer, classnames, domains, n_ctx=dapl["n_ctx"], n_domain_ctx=dapl["n_domain_ctx"],
+                       class_specific=dapl["class_specific"])
 
 
 def naive_probabilities(target_features: np.ndarray, naive_vectors: np.ndarray, *, scale: float,
                         temperature: float) -> np.ndarray:
     """softmax(s * f @ t_naive^T / T): the frozen naive prompt's pseudo-label distribution."""
     return softmax_np(scale * target_features @ naive_vectors.T / temperature).astype(np.float32)
+
+
+def run(job: TaskJob) -> MethodResult:
+    d, block, teacher = job.distill, job.block, job.models["teacher"]
+    target_features = job.teacher_target_features()
+    naive = zero_shot_vectors(teacher, job.classnames, [block["naive_template"]], device=job.device)
+    probs = naive_probabilities(target_features, naive, scale=job.logit_scale, temperature=block["temperature"])
+    knn = job.knn_refiner(probs)
+    return train_dapl(
+        model=teacher, classnames=job.classnames, domains=(job.task["source"], job.task["target"]),
+        source_features=job.domain_features("source"), source_labels=job.source_labels(job.domain_keys("source")),
+        target_keys=job.domain_keys("target"), target_features=target_features,
+        naive_probs=knn.refine_all() if knn else probs, dapl=block, epochs=d["epochs"], batch_size=d["batch_size"],
+        lr=d["lr"], momentum=d["momentum"], weight_decay=d["weight_decay"], seed=job.seed, device=job.device,
+        collapse_fraction=d["collapse_fraction"], deterministic=job.deterministic,
+        checkpoint_path=job.checkpoint_path)
+
+
+def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:
+    name = params["model"]["teacher"]["name"]
+    clip = param_counts.meta_model(name)
+    with torch.device("meta"):
+        prompts = make_prompts(clip, param_counts.meta_tokenizer(name), param_counts.CLASS_NAMES * n_classes,
+                               ["source", "target"], params["distill"]["dapl"])
+    return [{"part": "domain-agnostic + 2 domain-specific contexts", "model": name,
+             **param_counts.count(prompts, prompts.trainable_parameters(), clip)}]
+
+
+METHOD = Method(name="dapl", summary="domain-specific text prompts on the teacher itself (no student)",
+                params=PARAMS, roles=("teacher",), run=run, parameter_counts=parameter_counts)

@@ -1,6 +1,7 @@
-"""EKDA: end-to-end teacher-student alternating distillation (one stage; methods.md section 2).
+"""EKDA: end-to-end teacher-student alternating distillation (one stage).
 
-Every iteration draws a labelled source batch and an unlabelled target batch of the same size:
+Code: ``1d1x1w/EKDA`` (the trainer class ``EKDA(BaseDA)``; its predecessor ``1d1x1w/CDU``). Every iteration
+draws a labelled source batch and an unlabelled target batch of the same size:
 
 * teacher step (source): prompted teacher (text context + shallow "middle" visual prompts) with
   L_T = CE(z, y) + w_txt*L1(t, t0) + w_img*L1(f_T, f0) + w_kl*KL_numel(softmax z0 || softmax z); t0 is the
@@ -15,22 +16,48 @@ teacher's final text class vectors.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from pipeline.data.shards import image_loader
-from pipeline.losses import DistillLoss
-from pipeline.methods.common import EpochRecorder, check_finite, seeded, sgd_with_cosine
-from pipeline.methods.promptkd import KeyedRows, build_student, predict
+from pipeline.features.cache import logits, softmax_np
+from pipeline.losses import DistillLoss, build_distill_loss
+from pipeline.methods import param_counts
+from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.refine import KnnRefiner
-from pipeline.methods.source_prompts import build_teacher, teacher_step_loss
+from pipeline.methods.shared import (KeyedRows, build_student, build_teacher, loss_state, make_student,
+                                     predict_student)
+from pipeline.methods.source_prompts import teacher_step_loss
+from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
+from pipeline.models.prompted import LOCATIONS, PROMPT_INITS
+from pipeline.schema import Block, integer, number, template, text
+
+PARAMS = Block({
+    "n_tokens": integer(1, default=4),        # student visual prompt tokens (EKDA scripts: 4; README command: 2)
+    "location": text(LOCATIONS, default="middle"),  # after the class token (VPT)
+    "depth": integer(0, default=0),           # deep prompts at every layer (0)
+    "template": template(default="a photo of a {}."),
+    "n_ctx": integer(1, default=4),           # teacher text context tokens
+    "init": text(PROMPT_INITS, default="random"),  # the original's N(0, 0.02) overwrite of the init words
+    "visual_tokens": integer(1, default=4),   # teacher shallow visual prompts (after the class token)
+    "teacher_lr": number(0.0, default=0.005),
+    "text_weight": number(0.0, default=25.0),  # PromptSRC-style regulariser of the teacher step
+    "image_weight": number(0.0, default=10.0),
+    "kl_weight": number(0.0, default=1.0),
+    "ce_weight": number(0.0, default=1.0),    # student: CE to the teacher's arg-max pseudo-labels (no threshold)
+    "align_weight": number(0.0, default=1.0),  # student: squared L2 between normalised teacher and student features
+})
+
+
+def teacher_config(ekda: dict[str, Any]) -> dict[str, Any]:
+    """EKDA's teacher: shared text context and shallow visual prompts after the class token."""
+    return {"template": ekda["template"], "n_ctx": ekda["n_ctx"], "init": ekda["init"], "class_specific": False,
+            "visual_tokens": ekda["visual_tokens"], "visual_location": "middle"}
 
 
 def _target_batches(shard_dir: Path, *, transform, batch_size: int, seed: int, num_workers: int) -> Iterator:
@@ -50,18 +77,16 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                weight_decay: float, n_tokens: int, location: str, depth: int, seed: int, device: str,
                refiner: KnnRefiner | None = None, collapse_fraction: float = 1.0, num_workers: int = 0,
                deterministic: bool = True, checkpoint_path: str | Path | None = None,
-               eval_batch_size: int = 128) -> dict[str, Any]:
+               eval_batch_size: int = 128) -> MethodResult:
     """Train teacher prompts and student together; per-epoch target predictions of the student, and both states."""
     source_dir, target_dir = Path(source_dir), Path(target_dir)
     if student_model.identity["preprocess"] != teacher_model.identity["preprocess"]:
         raise ValueError("EKDA feeds one target batch to teacher and student, so their preprocessing must match: "
                          f"teacher {teacher_model.identity['preprocess']}, student {student_model.identity['preprocess']}")
     scale, t_prec, s_prec = teacher_model.logit_scale, teacher_model.spec.precision, student_model.spec.precision
-    config = {"template": ekda["template"], "n_ctx": ekda["n_ctx"], "init": ekda["init"], "class_specific": False,
-              "visual_tokens": ekda["visual_tokens"], "visual_location": "middle"}
     teacher_model.model.to(device)
     with seeded(seed, deterministic=deterministic):
-        teacher = build_teacher(teacher_model, classnames, config).to(device)
+        teacher = build_teacher(teacher_model, classnames, teacher_config(ekda)).to(device)
     student = build_student(student_model, teacher_dim=zs_text.shape[1], n_tokens=n_tokens, location=location,
                             depth=depth, seed=seed, deterministic=deterministic, device=device)
     loss = loss.to(device)
@@ -75,76 +100,71 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
     weights = {k: ekda[k] for k in ("text_weight", "image_weight", "kl_weight")}
     targets = _target_batches(target_dir, transform=student_model.preprocess, batch_size=batch_size, seed=seed,
                               num_workers=num_workers)
-    recorder = EpochRecorder(n_classes=len(classnames), collapse_fraction=collapse_fraction,
-                             checkpoint_path=checkpoint_path, where="ekda")
-    for epoch in tqdm(range(1, epochs + 1), desc="ekda epochs", unit="epoch"):
-        start = time.perf_counter()
-        sums = {"teacher_loss": 0.0, "student_loss": 0.0, "source_acc": 0.0, "agreement": 0.0}
-        steps = 0
-        source = image_loader(source_dir, transform=teacher_model.preprocess, batch_size=batch_size, shuffle=True,
-                              seed=seed, epoch=epoch, with_labels=True, num_workers=num_workers)
-        for s_keys, s_images, s_labels in tqdm(source, desc=f"epoch {epoch}", unit="iter", leave=False):
-            t_loss, z = teacher_step(teacher, opt_t, s_images.to(device), s_labels.to(device),
-                                     zs_text=zs_text_t, zs_image=source_zs_features(s_keys).to(device), scale=scale,
-                                     precision=t_prec, weights=weights, where=f"ekda teacher step, epoch {epoch}",
-                                     checkpoint=_kept(checkpoint_path, epoch))
-            t_keys, t_images = next(targets)
-            s_loss, z_s, z_t = student_step(teacher, student, loss, opt_s, t_images.to(device), scale=scale,
-                                            precisions=(t_prec, s_prec), ekda=ekda, keys=t_keys, refiner=refiner,
-                                            where=f"ekda student step, epoch {epoch}",
-                                            checkpoint=_kept(checkpoint_path, epoch))
-            y = s_labels.to(z.device)
-            steps += 1
-            sums["teacher_loss"] += t_loss.item()
-            sums["student_loss"] += s_loss.item()
-            sums["source_acc"] += (z.argmax(1) == y).float().mean().item() * 100
-            sums["agreement"] += (z_s.argmax(1) == z_t.argmax(1)).float().mean().item() * 100
-        lrs = {"lr_teacher": opt_t.param_groups[0]["lr"], "lr_student": opt_s.param_groups[0]["lr"]}
-        sched_t.step()
-        sched_s.step()
+
+    def batches(epoch: int):
+        for source in image_loader(source_dir, transform=teacher_model.preprocess, batch_size=batch_size,
+                                   shuffle=True, seed=seed, epoch=epoch, with_labels=True, num_workers=num_workers):
+            yield source, next(targets)
+
+    def teacher_step(batch, _it):
+        (s_keys, s_images, s_labels), _ = batch
+        y = s_labels.to(device)
+        value, z = teacher_loss(teacher, s_images.to(device), y, zs_text=zs_text_t,
+                                zs_image=source_zs_features(s_keys).to(device), scale=scale, precision=t_prec,
+                                weights=weights)
+        return value, {"teacher_loss": value.item(), "source_acc": (z.argmax(1) == y).float().mean().item() * 100}
+
+    def student_step(batch, _it):
+        _, (t_keys, t_images) = batch
+        value, z_s, z_t = student_loss(teacher, student, loss, t_images.to(device), scale=scale,
+                                       precisions=(t_prec, s_prec), ekda=ekda, keys=t_keys, refiner=refiner)
+        return value, {"student_loss": value.item(),
+                       "agreement": (z_s.argmax(1) == z_t.argmax(1)).float().mean().item() * 100}
+
+    def final_class_vectors() -> torch.Tensor:
         teacher.eval()
         with torch.no_grad(), autocast(t_prec, device):
-            W = teacher.class_vectors().float()
-        keys, preds = predict(student, W, scale, loss, target_dir, transform=student_model.preprocess,
-                              batch_size=eval_batch_size, device=device, precision=s_prec, num_workers=num_workers)
-        recorder.add(epoch, keys, preds, {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()}, **lrs,
-                                          "iterations": steps, "seconds": time.perf_counter() - start},
-                     state=_state(teacher, student, loss))
-    teacher.eval()
-    with torch.no_grad(), autocast(t_prec, device):
-        W = teacher.class_vectors().float().cpu().numpy()
+            return teacher.class_vectors().float()
+
+    def predict() -> Prediction:
+        return Prediction(*predict_student(student, final_class_vectors(), scale, loss, target_dir,
+                                           transform=student_model.preprocess, batch_size=eval_batch_size,
+                                           device=device, precision=s_prec, num_workers=num_workers))
+
+    state = lambda: {"teacher": teacher.trainable_state(), "student": student.trainable_state(),  # noqa: E731
+                     "loss": loss_state(loss)}
+    out = fit(where="ekda", epochs=epochs, batches=batches, predict=predict, state=state,
+              steps=[Step("teacher", teacher_step, opt_t, sched_t), Step("student", student_step, opt_s, sched_s)],
+              n_classes=len(classnames), collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
     trainable = {"student": sum(p.numel() for p in s_params), "teacher": sum(p.numel() for p in t_params)}
-    return {**recorder.result(), "state": _state(teacher, student, loss), "class_vectors": W,
-            "trainable_params": trainable["student"] + trainable["teacher"], "trainable_by_part": trainable,
-            "teacher_config": config}
+    return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
+                        trainable_params=trainable["student"] + trainable["teacher"],
+                        class_vectors=final_class_vectors().cpu().numpy(),
+                        checkpoint={"teacher_config": teacher_config(ekda)},
+                        log_extra={"trainable_by_part": trainable})
 
 
-def teacher_step(teacher, optimizer, images: torch.Tensor, labels: torch.Tensor, *, zs_text: torch.Tensor,
-                 zs_image: torch.Tensor, scale: float, precision: str, weights: dict[str, float], where: str = "",
-                 checkpoint: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One teacher update on a labelled source batch; returns the loss and the source logits."""
+def teacher_loss(teacher, images: torch.Tensor, labels: torch.Tensor, *, zs_text: torch.Tensor,
+                 zs_image: torch.Tensor, scale: float, precision: str, weights: dict[str, float]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's loss on a labelled source batch, and its source logits (detached)."""
     teacher.train()
     teacher.clip.eval()  # frozen CLIP: its dropout/norm layers stay in eval mode
     with autocast(precision, images.device.type):
         text = teacher.class_vectors()
         f_t = teacher.image_features(images)
     z = scale * f_t.float() @ text.float().t()
-    loss, _ = teacher_step_loss(z, labels, text=text, image=f_t, zs_text=zs_text, zs_image=zs_image, scale=scale,
-                                **weights)
-    check_finite(loss, where=where, checkpoint=checkpoint)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), z.detach()
+    value, _ = teacher_step_loss(z, labels, text=text, image=f_t, zs_text=zs_text, zs_image=zs_image, scale=scale,
+                                 **weights)
+    return value, z.detach()
 
 
-def student_step(teacher, student, loss_fn: DistillLoss, optimizer, images: torch.Tensor, *, scale: float,
+def student_loss(teacher, student, loss_fn: DistillLoss, images: torch.Tensor, *, scale: float,
                  precisions: tuple[str, str], ekda: dict[str, Any], keys: list[str] | None = None,
-                 refiner: KnnRefiner | None = None, where: str = "", checkpoint: str | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One student update on an unlabelled target batch, teacher outputs without gradient.
+                 refiner: KnnRefiner | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The student's loss on an unlabelled target batch, teacher outputs without gradient.
 
-    Returns the loss, the student logits and the teacher logits.
+    Returns the loss, the student logits (detached) and the teacher logits.
     """
     device = images.device.type
     teacher.eval()
@@ -162,19 +182,40 @@ def student_step(teacher, student, loss_fn: DistillLoss, optimizer, images: torc
     g_s = F.normalize(f_s, dim=-1)
     z_s = scale * g_s @ text.t()
     kd, _ = loss_fn(z_s, z_t, f_s=f_s, f_t=g_t, class_centers=text)
-    loss = (kd + ekda["ce_weight"] * F.cross_entropy(z_s, pseudo)
-            + ekda["align_weight"] * (g_t - g_s).pow(2).sum(1).mean())
-    check_finite(loss, where=where, checkpoint=checkpoint)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), z_s.detach(), z_t
+    value = (kd + ekda["ce_weight"] * F.cross_entropy(z_s, pseudo)
+             + ekda["align_weight"] * (g_t - g_s).pow(2).sum(1).mean())
+    return value, z_s.detach(), z_t
 
 
-def _kept(checkpoint_path, epoch: int) -> str | None:
-    return str(checkpoint_path) if checkpoint_path and epoch > 1 else None
+def run(job: TaskJob) -> MethodResult:
+    d, block = job.distill, job.block
+    zs_text = np.load(job.cached.zeroshot_vectors)
+    zs_target = job.domain_features("target")
+    return train_ekda(
+        teacher_model=job.models["teacher"], student_model=job.models["student"], classnames=job.classnames,
+        source_dir=job.shard_dir("source"), target_dir=job.shard_dir("target"), zs_text=zs_text,
+        source_zs_features=KeyedRows(job.domain_keys("source"), job.domain_features("source"), "teacher features"),
+        ekda=block, loss=build_distill_loss(d["loss"], n_classes=len(job.classes), feature_dim=zs_text.shape[1]),
+        refiner=job.knn_refiner(softmax_np(logits(zs_target, zs_text, job.logit_scale))),
+        epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"], momentum=d["momentum"],
+        weight_decay=d["weight_decay"], seed=job.seed, device=job.device, collapse_fraction=d["collapse_fraction"],
+        num_workers=job.num_workers, deterministic=job.deterministic, checkpoint_path=job.checkpoint_path,
+        eval_batch_size=job.eval_batch_size, **{k: block[k] for k in ("n_tokens", "location", "depth")})
 
 
-def _state(teacher, student, loss) -> dict[str, Any]:
-    return {"teacher": teacher.trainable_state(), "student": student.trainable_state(),
-            "loss": {k: v.detach().cpu() for k, v in loss.state_dict().items()}}
+def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:
+    e = params["distill"]["ekda"]
+    t_name, s_name = params["model"]["teacher"]["name"], params["model"]["student"]["name"]
+    teacher_dim = param_counts.meta_model(t_name).text_projection.shape[-1]
+    student = param_counts.meta_model(s_name)
+    with torch.device("meta"):
+        s = make_student(student.visual, teacher_dim=teacher_dim,
+                         **{k: e[k] for k in ("n_tokens", "location", "depth")})
+    return [{"part": "teacher prompts (text + visual, middle)", "model": t_name,
+             **param_counts.teacher_prompt_counts(params, n_classes, teacher_config(e))},
+            {"part": "student (visual prompts + projector)", "model": s_name,
+             **param_counts.count(s, s.trainable_parameters(), student.visual)}]
+
+
+METHOD = Method(name="ekda", summary="teacher (source) and student (target) steps alternate every iteration",
+                params=PARAMS, roles=("teacher", "student"), run=run, parameter_counts=parameter_counts)

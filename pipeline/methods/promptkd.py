@@ -1,69 +1,36 @@
 """PromptKD-style student distillation on unlabelled target images (the second of two stages).
 
-The student is a frozen CLIP image encoder with learnable (deep) visual prompts and a projector into the
-teacher's embedding space. It shares the teacher's pre-stored class vectors W_T, so its logits are
-z_S = s * norm(P(f_S(x))) @ W_T^T, and it learns only from the cached teacher outputs of the same image
-through the distillation loss chosen in params (PromptKD: w * T^2 * KL_numel). No target label is read:
-the loaders are built with ``with_labels=False``.
+Zhengli et al., "PromptKD: Unsupervised Prompt Distillation for Vision-Language Models", CVPR 2024
+(``zhengli97/PromptKD``, ``trainers/promptkd.py``). The student is a frozen CLIP image encoder with learnable
+(deep) visual prompts and a projector into the teacher's embedding space. It shares the teacher's pre-stored
+class vectors W_T, so its logits are z_S = s * norm(P(f_S(x))) @ W_T^T, and it learns only from the cached
+teacher outputs of the same image through the distillation loss chosen in params (PromptKD: w * T^2 *
+KL_numel). No target label is read: the loaders are built with ``with_labels=False``.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.data.shards import image_loader
-from pipeline.features.cache import encode_shards
-from pipeline.losses import DistillLoss
-from pipeline.methods.common import EpochRecorder, check_finite, seeded, sgd_with_cosine
+from pipeline.features.cache import softmax_np
+from pipeline.losses import DistillLoss, build_distill_loss
+from pipeline.methods import param_counts
+from pipeline.methods.base import Method, MethodResult, TaskJob
+from pipeline.methods.shared import KeyedRows, build_student, loss_state, make_student, predict_student
+from pipeline.methods.training import Prediction, Step, fit, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
-from pipeline.models.prompted import PromptedStudent
+from pipeline.models.prompted import LOCATIONS
+from pipeline.schema import Block, integer, text
 
-
-class KeyedRows:
-    """Rows of a cached array (teacher logits or features) looked up by sample key."""
-
-    def __init__(self, keys: list[str], rows: np.ndarray, what: str = "teacher logits"):
-        if len(keys) != len(rows):
-            raise ValueError(f"{len(keys)} keys but {len(rows)} rows of {what}")
-        self.row, self.what = {k: i for i, k in enumerate(keys)}, what
-        self.rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
-
-    def __call__(self, keys: list[str]) -> torch.Tensor:
-        try:
-            return self.rows[[self.row[k] for k in keys]]
-        except KeyError as exc:
-            raise KeyError(f"no cached {self.what} for sample {exc.args[0]!r}: the features stage output does not "
-                           f"match the shards (re-run `dvc repro features`)") from None
-
-
-def build_student(student_model: LoadedModel, *, teacher_dim: int, n_tokens: int, location: str, depth: int,
-                  seed: int, deterministic: bool, device: str) -> PromptedStudent:
-    depth = depth or len(student_model.model.visual.transformer.resblocks)  # 0: every layer
-    with seeded(seed, deterministic=deterministic):
-        return PromptedStudent(student_model.model.visual, teacher_dim=teacher_dim, n_tokens=n_tokens,
-                               location=location, depth=depth).to(device)
-
-
-@torch.no_grad()
-def predict(student: PromptedStudent, class_vectors: torch.Tensor, logit_scale: float, loss: DistillLoss,
-            shard_dir: Path, *, transform, batch_size: int, device: str, precision: str,
-            num_workers: int = 0) -> tuple[list[str], np.ndarray]:
-    """Keys and predictions over ``shard_dir`` in shard order (no labels read), through the loss's inference rule."""
-    student.eval()
-    loss.eval()
-    keys, feats, _ = encode_shards(student, shard_dir, transform=transform, batch_size=batch_size,
-                                   device=device, precision=precision, num_workers=num_workers, desc="predict")
-    preds = []
-    for chunk in torch.split(feats, 4096):
-        chunk = chunk.to(device)
-        z = logit_scale * chunk @ class_vectors.to(device).t()
-        preds.append(loss.inference_logits(z, chunk).argmax(1).cpu())
-    return keys, torch.cat(preds).numpy()
+PARAMS = Block({  # the student's visual prompts (PromptKD: IVLP-style, 4 tokens after the patches, depth 9)
+    "n_tokens": integer(0, default=4),
+    "location": text(LOCATIONS, default="append"),
+    "depth": integer(0, default=9),  # layers with their own prompts (1: shallow; 0: every layer)
+})
 
 
 def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, logit_scale: float,
@@ -71,13 +38,10 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
                      shard_dir: str | Path, epochs: int, batch_size: int, lr: float, momentum: float,
                      weight_decay: float, n_tokens: int, location: str, depth: int, seed: int, device: str,
                      collapse_fraction: float = 1.0, num_workers: int = 0, deterministic: bool = True,
-                     checkpoint_path: str | Path | None = None, eval_batch_size: int = 128) -> dict[str, Any]:
-    """Train the student; return its trainable state, per-epoch target predictions and a training log.
+                     checkpoint_path: str | Path | None = None, eval_batch_size: int = 128) -> MethodResult:
+    """Train the student from cached teacher outputs; per-epoch target predictions and its trainable state.
 
-    ``teacher_logits`` may be kNN-refined upstream (:mod:`pipeline.methods.refine`). After every epoch the
-    student predicts every target image (shard order) so the evaluate stage can score each epoch without
-    this stage touching labels; :class:`EpochRecorder` guards against collapse and keeps the last good
-    checkpoint.
+    ``teacher_logits`` may be kNN-refined upstream (:mod:`pipeline.methods.refine`).
     """
     shard_dir = Path(shard_dir)
     W = torch.from_numpy(class_vectors).float().to(device)
@@ -90,42 +54,77 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
     precision, transform = student_model.spec.precision, student_model.preprocess
-    recorder = EpochRecorder(n_classes=W.shape[0], collapse_fraction=collapse_fraction,
-                             checkpoint_path=checkpoint_path, where="promptkd distill")
-    for epoch in tqdm(range(1, epochs + 1), desc="distill epochs", unit="epoch"):
+
+    def batches(epoch: int):
+        for keys, images in image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=True,
+                                         seed=seed, epoch=epoch, with_labels=False, num_workers=num_workers):
+            if len(keys) >= 2:  # BatchNorm in the projector needs two samples
+                yield keys, images
+
+    def step(batch, _it) -> tuple[torch.Tensor, dict[str, float]]:
+        keys, images = batch
+        z_t = teacher_logits(keys).to(device)
+        f_t = teacher_features(keys).to(device) if teacher_features is not None else None
+        with autocast(precision, device):
+            f_s = student.embed(images.to(device))
+        z_s = logit_scale * torch.nn.functional.normalize(f_s.float(), dim=-1) @ W.t()
+        value, _ = loss(z_s, z_t, f_s=f_s.float(), f_t=f_t, class_centers=W)
+        agreement = (z_s.argmax(1) == z_t.argmax(1)).float().mean().item() * 100
+        return value, {"loss": value.item(), "train_agreement_with_teacher": agreement}
+
+    def train_mode() -> None:
         student.train()
         loss.train()
         student.encoder.visual.eval()  # frozen backbone: keep its dropout/norm layers in eval mode
-        start, total, agree, seen = time.perf_counter(), 0.0, 0, 0
-        loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=True, seed=seed,
-                              epoch=epoch, with_labels=False, num_workers=num_workers)
-        for batch_keys, images in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False):
-            if len(batch_keys) < 2:  # BatchNorm in the projector needs two samples
-                continue
-            z_t = teacher_logits(batch_keys).to(device)
-            f_t = teacher_features(batch_keys).to(device) if teacher_features is not None else None
-            with autocast(precision, device):
-                f_s = student.embed(images.to(device))
-            z_s = logit_scale * torch.nn.functional.normalize(f_s.float(), dim=-1) @ W.t()
-            value, _ = loss(z_s, z_t, f_s=f_s.float(), f_t=f_t, class_centers=W)
-            check_finite(value, where=f"distill epoch {epoch}", checkpoint=str(checkpoint_path) if checkpoint_path
-                         and epoch > 1 else None)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            total += value.item() * len(batch_keys)
-            agree += (z_s.argmax(1) == z_t.argmax(1)).sum().item()
-            seen += len(batch_keys)
-        lr_used = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        keys, preds = predict(student, W, logit_scale, loss, shard_dir, transform=transform,
-                              batch_size=eval_batch_size, device=device, precision=precision,
-                              num_workers=num_workers)
-        recorder.add(epoch, keys, preds, {
-            "epoch": epoch, "loss": total / max(seen, 1), "train_agreement_with_teacher": 100.0 * agree / max(seen, 1),
-            "lr": lr_used, "seconds": time.perf_counter() - start}, state=_state(student, loss))
-    return {**recorder.result(), "state": _state(student, loss), "trainable_params": sum(p.numel() for p in trainable)}
+
+    def predict() -> Prediction:
+        return Prediction(*predict_student(student, W, logit_scale, loss, shard_dir, transform=transform,
+                                           batch_size=eval_batch_size, device=device, precision=precision,
+                                           num_workers=num_workers))
+
+    state = lambda: {"student": student.trainable_state(), "loss": loss_state(loss)}  # noqa: E731
+    out = fit(where="promptkd distill", epochs=epochs, batches=batches, train_mode=train_mode,
+              steps=[Step("student", step, optimizer, scheduler)], predict=predict, state=state,
+              n_classes=W.shape[0], collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
+    return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
+                        trainable_params=sum(p.numel() for p in trainable))
 
 
-def _state(student: PromptedStudent, loss: DistillLoss) -> dict[str, Any]:
-    return {"student": student.trainable_state(), "loss": {k: v.detach().cpu() for k, v in loss.state_dict().items()}}
+def run(job: TaskJob) -> MethodResult:
+    d = job.distill
+    class_vectors = np.load(job.cached.class_vectors)
+    target_keys = job.domain_keys("target")
+    z_t = np.load(job.cached.target_logits)
+    knn = job.knn_refiner(softmax_np(z_t))
+    if knn is not None:  # refined distributions become the KD targets (log-probabilities as logits)
+        z_t = np.log(np.clip(knn.refine_all(), 1e-8, None))
+    return distill_promptkd(
+        student_model=job.models["student"], class_vectors=class_vectors, logit_scale=job.logit_scale,
+        teacher_logits=KeyedRows(target_keys, z_t),
+        teacher_features=KeyedRows(target_keys, job.teacher_target_features(), "teacher features"),
+        loss=build_distill_loss(d["loss"], n_classes=len(job.classes), feature_dim=class_vectors.shape[1]),
+        shard_dir=job.shard_dir("target"), epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"],
+        momentum=d["momentum"], weight_decay=d["weight_decay"], seed=job.seed, device=job.device,
+        collapse_fraction=d["collapse_fraction"], num_workers=job.num_workers, deterministic=job.deterministic,
+        checkpoint_path=job.checkpoint_path, eval_batch_size=job.eval_batch_size,
+        **{k: job.block[k] for k in ("n_tokens", "location", "depth")})
+
+
+def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:
+    t_name, s_name = params["model"]["teacher"]["name"], params["model"]["student"]["name"]
+    teacher, student = param_counts.meta_model(t_name), param_counts.meta_model(s_name)
+    with torch.device("meta"):
+        s = make_student(student.visual, teacher_dim=teacher.text_projection.shape[-1], **params["distill"]["promptkd"])
+    return [param_counts.source_prompt_row(params, n_classes),
+            {"part": "student (visual prompts + projector)", "model": s_name,
+             **param_counts.count(s, s.trainable_parameters(), student.visual)}]
+
+
+def check(params: dict[str, Any], errors: list[str]) -> None:
+    block = params["distill"]["promptkd"]
+    if block["n_tokens"] == 0 and block["depth"] not in (0, 1):
+        errors.append("distill.promptkd.depth: deep prompts need distill.promptkd.n_tokens > 0")
+
+
+METHOD = Method(name="promptkd", summary="student from the cached source-prompted teacher (two stages)",
+                params=PARAMS, roles=("student",), run=run, parameter_counts=parameter_counts, check=check)

@@ -44,9 +44,3 @@ class KnnRefiner:
     def refine_all(self) -> np.ndarray:
         """Refined probabilities of every row (bank order)."""
         return self.bank[self.neighbours].mean(1).numpy()
-
-
-def softmax_np(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)

@@ -23,19 +23,9 @@ from tqdm import tqdm
 from pipeline.data.shards import image_loader
 from pipeline.features.cache import encode_shards
 from pipeline.losses.kd import kl_divergence
-from pipeline.methods.common import check_finite, seeded, sgd_with_cosine
+from pipeline.methods.shared import build_teacher
+from pipeline.methods.training import check_finite, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
-from pipeline.models.prompted import PromptedTeacher
-
-TEACHER_KEYS = ("template", "n_ctx", "init", "class_specific", "visual_tokens", "visual_location")
-
-
-def build_teacher(model: LoadedModel, classnames: list[str], config: dict[str, Any]) -> PromptedTeacher:
-    """The prompted teacher described by ``config`` (the :data:`TEACHER_KEYS` of the prompts params)."""
-    return PromptedTeacher(model.model, model.tokenizer, classnames, template=config["template"],
-                           n_ctx=config["n_ctx"], init=config["init"], class_specific=config["class_specific"],
-                           visual_tokens=config["visual_tokens"], visual_location=config["visual_location"])
-
 
 def teacher_step_loss(logits: torch.Tensor, labels: torch.Tensor, *, text: torch.Tensor, image: torch.Tensor,
                       zs_text: torch.Tensor | None, zs_image: torch.Tensor | None, scale: float,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import image_loader
-from pipeline.methods.common import seeded
+from pipeline.methods.training import seeded
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import yaml
 
+from pipeline.artifacts import Artifacts
 from pipeline.config import load_params
 from pipeline.io import write_run_info
 from pipeline.models.factory import ModelSpec, check_weights_available
@@ -58,7 +59,7 @@ def checked_model_spec(params: dict[str, Any], role: str) -> ModelSpec:
 
 
 def shard_dir(params: dict[str, Any], dataset: str, domain: str) -> Path:
-    return Path(params["paths"]["shards"]) / dataset / domain
+    return Artifacts(params["paths"]).shards(dataset, domain)
 
 
 def record_run(params: dict[str, Any], stage: str, *, dvc_yaml: str | Path = "dvc.yaml") -> Path:
@@ -78,4 +79,4 @@ def record_run(params: dict[str, Any], stage: str, *, dvc_yaml: str | Path = "dv
         for part in key.split("."):
             node = node[part]
         resolved[key] = node
-    return write_run_info(Path(params["paths"]["run_info"]) / f"{stage}.json", stage=stage, params=resolved)
+    return write_run_info(Artifacts(params["paths"]).run_info(stage), stage=stage, params=resolved)

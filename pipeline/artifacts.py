@@ -1,0 +1,229 @@
+"""The stage-to-stage contract: where every stage output lives, its file names and what each file holds.
+
+Stages write through these classes and read what earlier stages wrote through them, so a file name is
+spelled once. Each class wraps one output folder; build it on the final path (readers) or on the stage's
+temporary folder (writers, see :func:`pipeline.io.atomic_dir`)::
+
+    paths.shards/<dataset>/<domain>/            shards, manifest.json, sizes.json (pipeline.data.sharding)
+    paths.prompts/<task>/                       PromptOutput: prompt.pt, train_log.json
+    paths.features/domains/<dataset>/<domain>/  DomainFeatures: features.npy, keys.json, index.faiss, index.json
+    paths.features/tasks/<task>/                TaskFeatures: class vectors, target logits, teacher predictions
+    paths.distill/<task>/                       StudentOutput: student.pt, predictions.npy, keys.json, ...
+    paths.evaluate/<task>/metrics.json          EvaluateOutput
+    paths.checkpoints/<stage>/<task>/last_good.pt   (kept when a run stops; not a DVC output)
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.io import atomic_save_npy, atomic_savez, atomic_write_json, read_json
+
+SIDES = ("source", "target")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptOutput:
+    """The prompts stage's output for one task.
+
+    ``prompt.pt`` (torch, weights only): ``states`` (trainable state per epoch), ``reported`` (the state the
+    teacher uses: GPA aggregate or last epoch), ``gpa``, ``config`` (the prompt-construction keys),
+    ``classes``, ``identity`` (teacher model identity), ``logit_scale``, ``task``.
+    """
+
+    dir: Path
+
+    @property
+    def prompt(self) -> Path:
+        return self.dir / "prompt.pt"
+
+    @property
+    def train_log(self) -> Path:
+        return self.dir / "train_log.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainFeatures:
+    """The zero-shot teacher's L2-normalised image features of one domain, in shard order, and a faiss index."""
+
+    dir: Path
+
+    @property
+    def features_path(self) -> Path:
+        return self.dir / "features.npy"
+
+    @property
+    def keys_path(self) -> Path:
+        return self.dir / "keys.json"
+
+    @property
+    def index_path(self) -> Path:
+        return self.dir / "index.faiss"
+
+    @property
+    def index_meta_path(self) -> Path:
+        return self.dir / "index.json"
+
+    def features(self) -> np.ndarray:
+        return np.load(self.features_path)
+
+    def keys(self) -> list[str]:
+        return read_json(self.keys_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFeatures:
+    """What the features stage caches per task.
+
+    ``class_vectors.npy`` [C, D]: the source-prompted teacher's class vectors (shared with the student);
+    ``zeroshot_vectors.npy`` [C, D]: the template-ensemble zero-shot vectors; ``target_logits.npy`` [N, C]:
+    the teacher's target logits (target domain key order); ``target_features.npy``: the target features
+    re-encoded with the teacher's visual prompts (only when it has them); ``zeroshot_preds_<side>.npy`` [N]
+    and ``teacher_preds_<side>.npy`` [E, N]: predictions the evaluate stage scores; ``meta.json``: task,
+    classes, logit_scale, templates, model identity, prompt epochs, gpa, teacher_rows, visual_prompts.
+    """
+
+    dir: Path
+
+    @property
+    def class_vectors(self) -> Path:
+        return self.dir / "class_vectors.npy"
+
+    @property
+    def zeroshot_vectors(self) -> Path:
+        return self.dir / "zeroshot_vectors.npy"
+
+    @property
+    def target_logits(self) -> Path:
+        return self.dir / "target_logits.npy"
+
+    @property
+    def target_features(self) -> Path:
+        return self.dir / "target_features.npy"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / "meta.json"
+
+    def zeroshot_preds(self, side: str) -> Path:
+        return self.dir / f"zeroshot_preds_{_side(side)}.npy"
+
+    def teacher_preds(self, side: str) -> Path:
+        return self.dir / f"teacher_preds_{_side(side)}.npy"
+
+    def meta(self) -> dict[str, Any]:
+        return read_json(self.meta_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureCache:
+    """The features stage's output folder."""
+
+    root: Path
+
+    def domain(self, dataset: str, domain: str) -> DomainFeatures:
+        return DomainFeatures(Path(self.root) / "domains" / dataset / domain)
+
+    def task(self, name: str) -> TaskFeatures:
+        return TaskFeatures(Path(self.root) / "tasks" / name)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentOutput:
+    """The distill stage's output for one task.
+
+    ``student.pt`` (torch, weights only): ``method``, ``state`` (only what training changed), ``classes``,
+    ``logit_scale``, ``class_vectors`` (or None), ``models`` (identity per role), ``cached_teacher``,
+    ``distill`` (the params block), ``task``, plus the method's own entries; ``predictions.npy`` [E, N]:
+    target predictions per epoch in ``keys.json`` order; ``extra_predictions.npz``: per-epoch predictions of
+    other inference rules a method reports beside its own (labelled by the evaluate stage);
+    ``train_log.json``: method, loss, refine_knn, trainable_params, per-epoch log and the method's extras.
+    """
+
+    dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / "student.pt"
+
+    @property
+    def predictions(self) -> Path:
+        return self.dir / "predictions.npy"
+
+    @property
+    def extra_predictions(self) -> Path:
+        return self.dir / "extra_predictions.npz"
+
+    @property
+    def keys(self) -> Path:
+        return self.dir / "keys.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.dir / "train_log.json"
+
+    def write_predictions(self, keys: list[str], predictions: np.ndarray,
+                          extra: dict[str, np.ndarray] | None = None) -> None:
+        atomic_save_npy(self.predictions, predictions)
+        atomic_write_json(self.keys, keys)
+        if extra:
+            atomic_savez(self.extra_predictions, extra)
+
+    def read_extra_predictions(self) -> dict[str, np.ndarray]:
+        if not self.extra_predictions.is_file():
+            return {}
+        with np.load(self.extra_predictions, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOutput:
+    """The evaluate stage's ``metrics.json`` for one task (read by the report stage)."""
+
+    dir: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifacts:
+    """Every stage output of a project, from ``params["paths"]``."""
+
+    paths: dict[str, str]
+
+    def writing(self, key: str, folder: Path) -> "Artifacts":
+        """The same project with output ``key`` (e.g. ``distill``) in ``folder``: a stage's temporary folder."""
+        return Artifacts({**self.paths, key: str(folder)})
+
+    def shards(self, dataset: str, domain: str) -> Path:
+        return Path(self.paths["shards"]) / dataset / domain
+
+    @property
+    def features(self) -> FeatureCache:
+        return FeatureCache(Path(self.paths["features"]))
+
+    def prompts(self, task: str) -> PromptOutput:
+        return PromptOutput(Path(self.paths["prompts"]) / task)
+
+    def student(self, task: str) -> StudentOutput:
+        return StudentOutput(Path(self.paths["distill"]) / task)
+
+    def evaluation(self, task: str) -> EvaluateOutput:
+        return EvaluateOutput(Path(self.paths["evaluate"]) / task)
+
+    def last_good(self, stage: str, task: str) -> Path:
+        return Path(self.paths["checkpoints"]) / stage / task / "last_good.pt"
+
+    def run_info(self, stage: str) -> Path:
+        return Path(self.paths["run_info"]) / f"{stage}.json"
+
+
+def _side(side: str) -> str:
+    if side not in SIDES:
+        raise ValueError(f"side {side!r} is not one of {SIDES}")
+    return side

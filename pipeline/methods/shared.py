@@ -1,0 +1,86 @@
+"""Building blocks several methods share: the prompted student and teacher, their predictions, cached rows.
+
+The ``make_*`` functions are the one place a model is assembled from its params: training calls them
+(seeded, on the item's device) and the parameter counts call them on the meta device, so ``uda-distill
+info`` cannot drift from what trains.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.features.cache import encode_shards
+from pipeline.models.factory import LoadedModel
+from pipeline.models.prompted import PromptedStudent, PromptedTeacher
+from pipeline.methods.training import seeded
+
+TEACHER_KEYS = ("template", "n_ctx", "init", "class_specific", "visual_tokens", "visual_location")
+
+
+class KeyedRows:
+    """Rows of a cached array (teacher logits or features) looked up by sample key."""
+
+    def __init__(self, keys: list[str], rows: np.ndarray, what: str = "teacher logits"):
+        if len(keys) != len(rows):
+            raise ValueError(f"{len(keys)} keys but {len(rows)} rows of {what}")
+        self.row, self.what = {k: i for i, k in enumerate(keys)}, what
+        self.rows = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+
+    def __call__(self, keys: list[str]) -> torch.Tensor:
+        try:
+            return self.rows[[self.row[k] for k in keys]]
+        except KeyError as exc:
+            raise KeyError(f"no cached {self.what} for sample {exc.args[0]!r}: the features stage output does not "
+                           f"match the shards (re-run `dvc repro features`)") from None
+
+
+def make_student(visual: nn.Module, *, teacher_dim: int, n_tokens: int, location: str, depth: int
+                 ) -> PromptedStudent:
+    """The prompted student of ``visual`` (an open_clip ViT); ``depth`` 0 means every layer."""
+    depth = depth or len(visual.transformer.resblocks)
+    return PromptedStudent(visual, teacher_dim=teacher_dim, n_tokens=n_tokens, location=location, depth=depth)
+
+
+def build_student(student_model: LoadedModel, *, teacher_dim: int, n_tokens: int, location: str, depth: int,
+                  seed: int, deterministic: bool, device: str) -> PromptedStudent:
+    """:func:`make_student` with seeded initial prompts, on ``device``."""
+    with seeded(seed, deterministic=deterministic):
+        return make_student(student_model.model.visual, teacher_dim=teacher_dim, n_tokens=n_tokens,
+                            location=location, depth=depth).to(device)
+
+
+def make_teacher(clip: nn.Module, tokenizer, classnames: list[str], config: dict[str, Any]) -> PromptedTeacher:
+    """The prompted teacher described by ``config`` (the :data:`TEACHER_KEYS` of the prompts params)."""
+    return PromptedTeacher(clip, tokenizer, classnames, template=config["template"], n_ctx=config["n_ctx"],
+                           init=config["init"], class_specific=config["class_specific"],
+                           visual_tokens=config["visual_tokens"], visual_location=config["visual_location"])
+
+
+def build_teacher(model: LoadedModel, classnames: list[str], config: dict[str, Any]) -> PromptedTeacher:
+    return make_teacher(model.model, model.tokenizer, classnames, config)
+
+
+@torch.no_grad()
+def predict_student(student: PromptedStudent, class_vectors: torch.Tensor, logit_scale: float, loss,
+                    shard_dir: Path, *, transform, batch_size: int, device: str, precision: str,
+                    num_workers: int = 0) -> tuple[list[str], np.ndarray]:
+    """Keys and predictions over ``shard_dir`` in shard order (no labels read), through the loss's inference rule."""
+    student.eval()
+    loss.eval()
+    keys, feats, _ = encode_shards(student, shard_dir, transform=transform, batch_size=batch_size,
+                                   device=device, precision=precision, num_workers=num_workers, desc="predict")
+    preds = []
+    for chunk in torch.split(feats, 4096):
+        chunk = chunk.to(device)
+        z = logit_scale * chunk @ class_vectors.to(device).t()
+        preds.append(loss.inference_logits(z, chunk).argmax(1).cpu())
+    return keys, torch.cat(preds).numpy()
+
+
+def loss_state(loss: nn.Module) -> dict[str, torch.Tensor]:
+    """The distillation loss's own parameters (only dual_head has any), detached on the CPU."""
+    return {k: v.detach().cpu() for k, v in loss.state_dict().items()}
