@@ -3,7 +3,7 @@
 PyPI has no CPU torchvision: the 0.28.0 wheel is a CUDA build whose compiled ops cannot load on CPU torch,
 and its import then dies registering fake kernels for ``torchvision::nms`` / ``qnms``. Defining those two
 schemas first lets the pure-Python parts (transforms, models) import; the compiled ops still fail if called,
-which this project never does (images are decoded with PIL). See shared/reference/ecosystem.md §1.4.
+which this project never does (images are decoded with PIL).
 """
 from __future__ import annotations
 

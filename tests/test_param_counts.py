@@ -1,4 +1,4 @@
-"""`uda-distill info`: parameter counts built on the meta device must equal the spec's figures (methods.md)."""
+"""`uda-distill info`: parameter counts built on the meta device must equal the figures computed from the original code's tensor shapes."""
 import copy
 
 import pytest

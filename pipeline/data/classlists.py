@@ -2,7 +2,8 @@
 
 Each dataset has ``classlists/<dataset>.txt`` next to this module, one class name per line in label
 order. Labels are always derived from these lists, never from a sort of folder names (a case-sensitive
-sort silently shifts labels, see shared/reference/datasets.md section 3).
+sort silently shifts labels: the original CMKD code's 6.6 % zero-shot DomainNet figure comes from
+capitalised folders such as ``The_Eiffel_Tower`` sorting first, ``Wenlve-Zhou/VLP-UDA``).
 """
 from __future__ import annotations
 

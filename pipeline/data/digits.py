@@ -17,7 +17,7 @@ Determinism: the only randomness comes from a ``numpy.random.default_rng`` seede
 used in a fixed order, so the same seed gives byte-identical files. ``mnist`` and ``usps`` use no
 randomness at all (they are fixed subsets), so their bytes do not depend on the seed.
 
-Recipe and measured domain shift: shared/reference/datasets.md sections 1 and 2.
+The recipe and the measured domain shift are summarised in the README (digits benchmark).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ CANVAS = 28  # MNIST geometry: digit fitted into a 20 px box on a 28x28 canvas
 DIGIT_BOX = 20
 JPEG_QUALITY = 95
 
-# matplotlib faces that draw digits correctly (datasets.md section 1). Excluded on purpose: cmex10 and
+# matplotlib faces that draw digits correctly. Excluded on purpose: cmex10 and
 # cmsy10 (their cmap claims digits but the glyphs are brackets and math symbols), LastResortHE
 # (placeholder boxes), DejaVu*Display (no digits), STIXNonUni/STIXSiz* (symbol variants).
 PRINTED_FONTS = (

@@ -8,7 +8,8 @@ Layout (one folder per domain; written by :mod:`pipeline.data.sharding`)::
                                        skipped files with the reason
 
 Labels always come from the caller's class list, never from a sort order. See
-shared/reference/ecosystem.md §6 for the webdataset conventions followed here.
+the webdataset FAQ (``webdataset/webdataset``, shuffle before decode, explicit ``shardshuffle``, worker
+splitting) for the conventions followed here.
 """
 from __future__ import annotations
 

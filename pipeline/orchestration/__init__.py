@@ -2,5 +2,4 @@
 
 DVC decides *whether* a stage runs; this package decides *how* its items run: which device each item
 gets (`devices`), and how transient failures are retried and permanent ones reported (`flows`).
-See shared/reference/ecosystem.md §4.
 """

@@ -2,7 +2,7 @@
 transient failures only.
 
 No Prefect result caching: DVC's lock and run-cache already decide what re-runs, and two caches
-would disagree (ecosystem.md §4.4). Prefect runs ephemerally unless ``PREFECT_API_URL`` is set.
+would disagree. Prefect runs ephemerally unless ``PREFECT_API_URL`` is set.
 """
 from __future__ import annotations
 
