@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -229,3 +230,89 @@ def test_interrupted_write_leaves_nothing(tree, tmp_path, monkeypatch):
         _write(tree, out, seed=9)
     assert read_manifest(out) == good
     assert [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+# ----------------------------------------------------------------------------------------- seeded views
+
+
+def _noisy(img: Image.Image) -> torch.Tensor:
+    """A random 'augmentation' drawing from all three global generators the loader seeds."""
+    noise = random.random() + float(np.random.rand()) + float(torch.rand(()))
+    return _to_tensor(img) + noise
+
+
+def _view_batches(shard_dir, *, views, seed=0, epoch=0, num_workers=0, shuffle=True) -> dict:
+    """{key: image tensor, or tuple of view tensors} over one pass of a views loader."""
+    out = {}
+    loader = image_loader(shard_dir, views=views, batch_size=3, shuffle=shuffle, seed=seed, epoch=epoch,
+                          with_labels=False, num_workers=num_workers)
+    for keys, images in loader:
+        for i, key in enumerate(keys):
+            out[key] = tuple(v[i] for v in images) if isinstance(images, tuple) else images[i]
+    return out
+
+
+def test_views_are_seeded_per_key(tree, tmp_path):
+    m = _write(tree, tmp_path / "out")
+    a = _view_batches(tmp_path / "out", views=(_noisy,), seed=3, epoch=0)
+    assert sorted(a) == sorted(m["keys"]) and all(t.shape == (3, 8, 8) for t in a.values())
+    # Same (seed, epoch): same tensors, whatever the order (shuffled or not) and the caller's RNG state.
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    b = _view_batches(tmp_path / "out", views=(_noisy,), seed=3, epoch=0, shuffle=False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Another epoch or seed: other draws for every sample.
+    for other in (_view_batches(tmp_path / "out", views=(_noisy,), seed=3, epoch=1),
+                  _view_batches(tmp_path / "out", views=(_noisy,), seed=4, epoch=0)):
+        assert not any(torch.equal(a[k], other[k]) for k in a)
+    # Each sample gets its own draw (not one seed per run or per batch).
+    plain = {k: img for keys, images in image_loader(tmp_path / "out", transform=_to_tensor, batch_size=3,
+                                                     shuffle=False, with_labels=False)
+             for k, img in zip(keys, images)}
+    assert len({round(float((a[k] - plain[k]).mean()), 5) for k in a}) == len(a)
+
+
+def test_views_same_for_any_worker_count(tmp_path):
+    tree = _make_tree(tmp_path / "images", {"zebra": 4, "apple": 4, "mango": 4})
+    m = _write(tree, tmp_path / "out", maxcount=4)  # 3 shards, so 2 workers both read
+    a = _view_batches(tmp_path / "out", views=(_noisy, _noisy), seed=1, epoch=2)
+    w = _view_batches(tmp_path / "out", views=(_noisy, _noisy), seed=1, epoch=2, num_workers=2)
+    assert sorted(a) == sorted(w) == sorted(m["keys"])
+    for key in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[key], w[key]))
+        assert not torch.equal(a[key][0], a[key][1])  # the two views draw independently
+
+
+def test_two_views_batch_layout_and_rng_untouched(tree, tmp_path):
+    m = _write(tree, tmp_path / "out")
+    common = dict(batch_size=5, shuffle=False, with_labels=True)
+    # The caller's generators are restored after each seeded transform: they end as after an eval pass
+    # (torch's DataLoader itself draws a base seed from the torch generator on every pass).
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    eval_batches = _all_batches(image_loader(tmp_path / "out", transform=_to_tensor, **common))
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    loader = image_loader(tmp_path / "out", views=(_noisy, _to_tensor), **common)
+    batches = _all_batches(loader)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+    assert len(batches) == len(loader) == 3
+    keys = [k for b in batches for k in b[0]]
+    assert keys == m["keys"]
+    for keys, views, labels in batches:
+        assert isinstance(views, tuple) and len(views) == 2
+        weak, plain = views
+        assert weak.shape == plain.shape == (len(keys), 3, 8, 8) and labels.dtype == torch.long
+        assert not torch.equal(weak, plain)
+    for (_, (_, plain), labels), (_, images, eval_labels) in zip(batches, eval_batches):
+        assert torch.equal(plain, images) and torch.equal(labels, eval_labels)
+
+
+def test_loader_needs_transform_or_views(tree, tmp_path):
+    _write(tree, tmp_path / "out")
+    common = dict(batch_size=2, shuffle=False, with_labels=False)
+    with pytest.raises(ValueError, match="exactly one"):
+        image_loader(tmp_path / "out", **common)
+    with pytest.raises(ValueError, match="exactly one"):
+        image_loader(tmp_path / "out", transform=_to_tensor, views=(_to_tensor,), **common)
+    with pytest.raises(ValueError, match="non-empty"):
+        image_loader(tmp_path / "out", views=(), **common)

@@ -13,10 +13,12 @@ splitting) for the conventions followed here.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
 import random
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -106,12 +108,76 @@ def _decode(sample: dict, *, transform: Callable, with_labels: bool) -> tuple:
     return sample["__key__"], image
 
 
+# Seeded transforms draw from process-wide generators (Python's `random`, NumPy's legacy global state, torch's
+# default CPU generator), and stage items run in threads of one process: one seeded call at a time.
+_SEEDED_LOCK = threading.Lock()
+_AUGMENT_TAG = 0x61756720  # "aug ": keeps these seeds apart from the shuffle's (seed, epoch, worker) streams
+
+
+def view_seed(seed: int, epoch: int, key: str, view: int) -> np.random.SeedSequence:
+    """The seed of one (sample, view) draw: a function of (seed, epoch, sample key, view index) only, so
+    neither the loader's order nor its worker count changes an augmented image."""
+    key_int = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:16], "little")
+    return np.random.SeedSequence([_AUGMENT_TAG, seed, epoch, view, key_int])
+
+
+def seeded_call(transform: Callable, image: Any, seed: np.random.SeedSequence, *,
+                restore: bool = True) -> Any:
+    """``transform(image)`` with Python's ``random``, NumPy's global generator and torch's default CPU
+    generator seeded from ``seed``, under a process-wide lock. Only the CPU generator is touched
+    (``torch.manual_seed`` would reseed every CUDA device too).
+
+    ``restore=True`` puts the three generators back as they were afterwards, so a caller's own random
+    streams do not depend on whether the loader ran in its process. Loader workers pass False: nothing else
+    draws there, and saving NumPy's state is the costliest part of a call.
+
+    Reproducible as long as no other thread draws from these global generators while a transform runs;
+    loader workers (``num_workers > 0``) are separate processes, where nothing else draws.
+    """
+    words = seed.generate_state(3, dtype=np.uint64)
+    with _SEEDED_LOCK:
+        saved = None
+        if restore:
+            saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        try:
+            random.seed(int(words[0]))
+            np.random.seed(words[1:2].view(np.uint32))
+            torch.default_generator.manual_seed(int(words[2]))
+            return transform(image)
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.default_generator.set_state(saved[2])
+
+
+def _decode_views(sample: dict, *, views: tuple[Callable, ...], seed: int, epoch: int,
+                  with_labels: bool) -> tuple:
+    key = sample["__key__"]
+    pil = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    in_main = torch.utils.data.get_worker_info() is None  # a worker process has no caller state to keep
+    images = tuple(seeded_call(view, pil, view_seed(seed, epoch, key, v), restore=in_main)
+                   for v, view in enumerate(views))
+    image = images[0] if len(images) == 1 else images
+    if with_labels:
+        return key, image, int(sample["cls"])
+    return key, image
+
+
 def _collate(samples: list[tuple]) -> tuple:
     keys = [s[0] for s in samples]
-    images = torch.stack([s[1] for s in samples])
+    if isinstance(samples[0][1], tuple):  # several views: one stacked tensor per view
+        images = tuple(torch.stack(view) for view in zip(*(s[1] for s in samples)))
+    else:
+        images = torch.stack([s[1] for s in samples])
     if len(samples[0]) == 3:
         return keys, images, torch.tensor([s[2] for s in samples], dtype=torch.long)
     return keys, images
+
+
+def _as_is(batch: tuple) -> tuple:
+    # The batches are collated already; torch's default_convert would turn their tuples into lists.
+    return batch
 
 
 class _Sized(torch.utils.data.IterableDataset):
@@ -128,15 +194,32 @@ class _Sized(torch.utils.data.IterableDataset):
         return self.length
 
 
-def image_loader(shard_dir: Path, *, transform: Callable, batch_size: int, shuffle: bool, seed: int = 0,
-                 epoch: int = 0, with_labels: bool, num_workers: int = 0) -> torch.utils.data.DataLoader:
+def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_size: int, shuffle: bool,
+                 seed: int = 0, epoch: int = 0, with_labels: bool, num_workers: int = 0,
+                 views: tuple[Callable, ...] | None = None) -> torch.utils.data.DataLoader:
     """DataLoader yielding ``(keys, images)`` or, with labels, ``(keys, images, labels)`` batches.
+
+    Give exactly one of ``transform`` and ``views``. ``transform`` is applied as is (a deterministic eval
+    transform; no seeding, no lock). ``views`` (training) is a tuple of transforms, each applied to every
+    sample (e.g. ``(weak, strong)`` from :mod:`pipeline.data.transforms`): ``images`` is then one tensor for
+    one view, or a tuple with one tensor per view. Their random draws are seeded per (seed, epoch, sample
+    key, view index) (:func:`seeded_call`): the same tensors for any ``num_workers`` and on every run, new
+    ones each epoch, and independent draws for each view.
 
     ``shuffle=True``: shard order and a ~1000-sample buffer are shuffled, before decoding, from
     (seed, epoch); build a new loader per epoch. ``shuffle=False``: shard order, then written order
     (exactly the manifest key order with ``num_workers <= 1``; workers interleave whole batches).
     Without labels the ``.cls`` members are never even read from the tars.
     """
+    if (transform is None) == (views is None):
+        raise ValueError("image_loader: give exactly one of transform (eval) and views (seeded training "
+                         "views)")
+    if views is not None:
+        views = tuple(views)
+        if not views or not all(callable(v) for v in views):
+            raise ValueError(f"image_loader: views must be a non-empty tuple of transforms, got {views!r}")
+        if seed < 0 or epoch < 0:
+            raise ValueError(f"image_loader: seed and epoch must be >= 0 with views (got {seed}, {epoch})")
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     sizes = read_json(shard_dir / "sizes.json")
@@ -154,8 +237,11 @@ def image_loader(shard_dir: Path, *, transform: Callable, batch_size: int, shuff
                              select_files=partial(_keep_member, suffixes=suffixes))
     if shuffle:
         dataset = dataset.compose(partial(_seeded_shuffle, seed=seed, epoch=epoch, bufsize=SHUFFLE_BUFFER))
-    dataset = (dataset.map(partial(_decode, transform=transform, with_labels=with_labels))
-               .batched(batch_size, collation_fn=_collate, partial=True))
+    if views is None:
+        decode = partial(_decode, transform=transform, with_labels=with_labels)
+    else:
+        decode = partial(_decode_views, views=views, seed=seed, epoch=epoch, with_labels=with_labels)
+    dataset = dataset.map(decode).batched(batch_size, collation_fn=_collate, partial=True)
 
     # Exact batch count: each worker reads shards[w::W] and keeps its own last partial batch.
     per_worker = [sum(sizes[s] for s in shards[w::max(num_workers, 1)]) for w in range(max(num_workers, 1))]
@@ -164,7 +250,8 @@ def image_loader(shard_dir: Path, *, transform: Callable, batch_size: int, shuff
     # the child with a held lock, so workers start from a clean forkserver instead.
     context = "forkserver" if num_workers > 0 else None
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
-                                       persistent_workers=False, multiprocessing_context=context)
+                                       collate_fn=_as_is, persistent_workers=False,
+                                       multiprocessing_context=context)
 
 
 # ----------------------------------------------------------------------------------------- folders

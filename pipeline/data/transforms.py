@@ -1,0 +1,150 @@
+"""Training-time image transforms (PIL image -> normalised tensor), built from a model's preprocess config.
+
+Every transform here takes the model's open_clip preprocess config
+(``open_clip.get_model_preprocess_cfg(model)`` or :func:`pipeline.models.factory.preprocess_config`: ``size``
+as an int or an (h, w) pair, ``mean``, ``std``, ``interpolation``, ``resize_mode``; tuples or JSON lists), so
+input size and normalisation always follow the model. The geometry of each kind copies an original code base;
+where the original hard-codes a 224-px model, its numbers are scaled by ``size / 224`` for other input sizes
+(and are exactly the original's at 224).
+
+Kinds of :func:`train_transform` (``TRAIN_TRANSFORMS``):
+
+``none``
+    The model's deterministic eval transform, built by open_clip's ``image_transform(..., is_train=False)``
+    (what ``open_clip.create_model_and_transforms`` returns as the val transform): no augmentation.
+``dassl``
+    The Dassl.pytorch lineage (CoOp, PromptKD, DAPL, PDA; Dassl ``random_resized_crop`` + ``random_flip`` +
+    ``normalize``): RandomResizedCrop(size, scale=(0.08, 1), bicubic) -> RandomHorizontalFlip -> ToTensor ->
+    Normalize.
+``cmkd``
+    CMKD (Wenlve-Zhou/VLP-UDA, ``utils/data_loader.py``, Office-Home / Office-31 / ImageCLEF / DomainNet):
+    Resize((r, r)) -> RandomCrop(size) -> RandomHorizontalFlip -> ToTensor -> Normalize, with
+    r = round(size*256/224) (256 for a 224-px model).
+``cmkd_visda``
+    CMKD's VisDA train view: Resize((size, size)) -> RandomHorizontalFlip -> CenterCrop(size) -> ToTensor ->
+    Normalize. The original resizes to the square ``[224, 224]`` (aspect ratio not kept), so the centre crop
+    is a no-op; both are kept as written there.
+
+:func:`strong_transform` is CMKD's FixMatch strong view (``utils/FixMatch.py``).
+
+The CMKD resizes use torchvision's default interpolation, bilinear, as the original does (it does not pass
+one); the Dassl crop is bicubic, as in the CoOp-family configs (``INPUT.INTERPOLATION: bicubic``).
+
+All random draws come from Python's ``random``, NumPy's legacy global generator (timm's RandAugment) and
+torch's default CPU generator (torchvision): :func:`pipeline.data.shards.image_loader` seeds all three per
+sample and view when given ``views``, which makes these transforms reproducible.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import pipeline  # noqa: F401  (installs the torchvision guard before torchvision / timm / open_clip imports)
+import open_clip
+from timm.data.auto_augment import rand_augment_transform
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+TRAIN_TRANSFORMS: tuple[str, ...] = ("none", "dassl", "cmkd", "cmkd_visda")
+
+#: CMKD's FixMatch RandAugment: 2 ops per image, magnitude 10, Gaussian magnitude noise (std 0.5).
+RANDAUGMENT_CONFIG = "rand-n2-m10-mstd0.5"
+
+_REFERENCE_SIZE = 224  # the input size the originals' numbers are written for
+
+
+def _size_hw(preprocess_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    size = preprocess_cfg["size"]
+    if isinstance(size, int):
+        return size, size
+    h, w = (int(s) for s in size)
+    return h, w
+
+
+def _scaled(value: float, hw: tuple[int, int]) -> tuple[int, int]:
+    """``value`` (a length written for 224-px inputs) for the model's (h, w)."""
+    return tuple(int(round(value * s / _REFERENCE_SIZE)) for s in hw)  # type: ignore[return-value]
+
+
+def _normalize(preprocess_cfg: Mapping[str, Any]) -> T.Normalize:
+    return T.Normalize(mean=tuple(preprocess_cfg["mean"]), std=tuple(preprocess_cfg["std"]))
+
+
+def eval_transform(preprocess_cfg: Mapping[str, Any]) -> Callable:
+    """The model's eval transform, exactly as ``open_clip.create_model_and_transforms`` builds it."""
+    defaults = open_clip.transform.PreprocessCfg()
+    size = preprocess_cfg.get("size", defaults.size)
+    return open_clip.image_transform(
+        size if isinstance(size, int) else tuple(size),
+        is_train=False,
+        mean=tuple(preprocess_cfg.get("mean", defaults.mean)),
+        std=tuple(preprocess_cfg.get("std", defaults.std)),
+        resize_mode=preprocess_cfg.get("resize_mode", defaults.resize_mode),
+        interpolation=preprocess_cfg.get("interpolation", defaults.interpolation),
+        fill_color=preprocess_cfg.get("fill_color", defaults.fill_color),
+    )
+
+
+def train_transform(kind: str, preprocess_cfg: Mapping[str, Any]) -> Callable:
+    """The training view ``kind`` (one of ``TRAIN_TRANSFORMS``) for a model with ``preprocess_cfg``.
+
+    Returns a PIL (RGB) -> float tensor ``[3, h, w]`` transform, normalised with the model's mean and std.
+    See the module docstring for what each kind does and which original it reproduces. Random kinds draw
+    from the global generators: pass them to ``image_loader(..., views=...)`` for seeded, reproducible draws.
+    """
+    if kind not in TRAIN_TRANSFORMS:
+        raise ValueError(f"unknown train transform {kind!r}; expected one of {TRAIN_TRANSFORMS}")
+    if kind == "none":
+        return eval_transform(preprocess_cfg)
+    hw = _size_hw(preprocess_cfg)
+    tail = [T.ToTensor(), _normalize(preprocess_cfg)]
+    if kind == "dassl":
+        # Dassl.pytorch dassl/data/transforms/transforms.py: random_resized_crop (RRCROP_SCALE (0.08, 1.0))
+        # -> random_flip -> ToTensor -> normalize, interpolation bicubic in the CoOp-family configs.
+        return T.Compose([T.RandomResizedCrop(hw, scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
+                          T.RandomHorizontalFlip(), *tail])
+    if kind == "cmkd":
+        # VLP-UDA utils/data_loader.py (non-VisDA train): Resize([256, 256]) -> RandomCrop(224) -> flip.
+        return T.Compose([T.Resize(_scaled(256, hw), interpolation=InterpolationMode.BILINEAR),
+                          T.RandomCrop(hw), T.RandomHorizontalFlip(), *tail])
+    # cmkd_visda. VLP-UDA utils/data_loader.py (VisDA train): Resize([224, 224]) -> flip -> CenterCrop(224).
+    return T.Compose([T.Resize(hw, interpolation=InterpolationMode.BILINEAR), T.RandomHorizontalFlip(),
+                      T.CenterCrop(hw), *tail])
+
+
+def randaugment_hparams(preprocess_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """CMKD's RandAugment hyper-parameters for this model.
+
+    The original (``utils/FixMatch.py``) passes ``translate_const=int(224 * 0.45)`` (100) and
+    ``img_mean=round(255 * CLIP mean)``, which is (123, 117, 104); here the same formulas use the model's
+    size (shorter side) and mean. ``img_mean`` is the fill colour of the geometric ops. ``translate_const``
+    only affects the absolute TranslateX/Y ops, which the default RandAugment op set (in timm and in the
+    original) does not include: it translates by a fraction of the image (TranslateXRel/YRel, up to 45 %).
+    """
+    side = min(_size_hw(preprocess_cfg))
+    return {"translate_const": int(side * 0.45),
+            "img_mean": tuple(min(255, round(255 * m)) for m in preprocess_cfg["mean"])}
+
+
+def strong_transform(preprocess_cfg: Mapping[str, Any], *, visda: bool = False) -> Callable:
+    """CMKD's FixMatch strong view (Wenlve-Zhou/VLP-UDA, ``utils/FixMatch.py``, ``TransformFixMatch.strong``).
+
+    Resize((r, r)) -> CenterCrop(size) -> RandomHorizontalFlip -> ColorJitter(0.4, 0.4, 0.4, 0) (always
+    applied; the original wraps it in ``RandomApply(p=1.0)``) -> RandAugment ``rand-n2-m10-mstd0.5`` ->
+    ToTensor -> Normalize, with r = round(size*256/224) (256 for a 224-px model), or r = size with
+    ``visda=True`` (the original's 224 for VisDA). The resize is bilinear, the original's default.
+
+    RandAugment is timm's ``rand_augment_transform`` (:func:`randaugment_hparams`), which matches the
+    original's vendored copy of timm's RandAugment: the same 15 ops, each applied with p = 0.5, Gaussian
+    magnitude noise clipped to [0, 10] (Cubuk et al. 2020, as used by FixMatch, Sohn et al. 2020).
+    """
+    hw = _size_hw(preprocess_cfg)
+    resize = hw if visda else _scaled(256, hw)
+    return T.Compose([
+        T.Resize(resize, interpolation=InterpolationMode.BILINEAR),
+        T.CenterCrop(hw),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(0.4, 0.4, 0.4, 0.0),
+        rand_augment_transform(RANDAUGMENT_CONFIG, randaugment_hparams(preprocess_cfg)),
+        T.ToTensor(),
+        _normalize(preprocess_cfg),
+    ])
