@@ -18,6 +18,7 @@ import yaml
 from pipeline.data.benchmarks import GENERIC_FORMATS, HEADLINES, SPLITS, benchmarks, external_formats
 from pipeline.data.classlists import available_classlists
 from pipeline.data.digits import DOMAINS as DIGITS_DOMAINS
+from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import FAISS_INDEXES
 from pipeline.losses.kd import REDUCTIONS as KD_REDUCTIONS
 from pipeline.methods import METHODS
@@ -82,7 +83,7 @@ SCHEMA: dict[str, Any] = {
     "model": {"cache_dir": text(nullable=True), "teacher": MODEL, "student": MODEL},
     "standins": {"models": DictOf(text(), min_len=0), "dataset": text(), "domains": text_list(),
                  "templates": text_list(is_template=True), "epochs": integer(1), "batch_size": integer(2), "lr": number(0.0)},
-    "prompts": {**SGD, "template": template(), "n_ctx": integer(0), "init": text(PROMPT_INITS),
+    "prompts": {**SGD, "augment": text(TRAIN_TRANSFORMS, default="dassl"), "template": template(), "n_ctx": integer(0), "init": text(PROMPT_INITS),
                 "class_specific": boolean(), "visual_tokens": integer(0), "visual_location": text(LOCATIONS),
                 "text_weight": number(0.0), "image_weight": number(0.0), "kl_weight": number(0.0),
                 "gpa_mean": number(0.0), "gpa_std": number(1e-6)},

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_json(out.meta_path, {
                 "task": task, "classes": prompt["classes"], "logit_scale": scale, "templates": ft["templates"],
                 "model": model.identity, "prompt_epochs": len(prompt["states"]), "gpa": prompt["gpa"],
+                "prompt_train_transform": prompt.get("train_transform", "none"),
                 "teacher_rows": len(per_epoch), "visual_prompts": teacher.vision is not None})
             return {"classes": len(classnames)}
 

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
             out_dir = Artifacts(params["paths"]).writing(STAGE, tmp).prompts(name)
             atomic_torch_save(out_dir.prompt, {
                 "states": out["states"], "reported": out["reported"], "gpa": out["gpa"],
-                "config": {k: pr[k] for k in TEACHER_KEYS}, "classes": classes, "identity": teacher.identity,
+                "config": {k: pr[k] for k in TEACHER_KEYS}, "train_transform": pr["augment"], "classes": classes,
+                "identity": teacher.identity,
                 "logit_scale": out["logit_scale"], "task": task})
             atomic_write_json(out_dir.train_log, {"trainable_params": out["trainable_params"],
                                                               "epochs": out["log"]})

@@ -35,7 +35,7 @@ def test_a_left_out_method_block_gets_its_defaults(base):
 def test_unknown_method_key_is_an_error(base):
     p = copy.deepcopy(base)
     p["distill"]["dapl"]["n_ctxx"] = 3
-    with pytest.raises(ValueError, match=r"distill.dapl.n_ctxx: unknown key; allowed keys here: \['class_specific'"):
+    with pytest.raises(ValueError, match=r"distill.dapl.n_ctxx: unknown key; allowed keys here: \['augment', 'class_specific'"):
         validate_params(p)
 
 

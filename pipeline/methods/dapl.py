@@ -9,8 +9,10 @@ arg-max of the frozen naive prompt's softmax(z/T) (optionally kNN-refined) and t
 >= tau. A batch where nothing passes tau contributes 0 (the original divides by zero and yields NaN); the
 count is logged. Inference uses the target block.
 
-Only text prompts learn and the image encoder is frozen, so image features come from the features stage's
-cache (deterministic eval transform, like the CoOp teacher), which makes each step a text-tower pass.
+Only text prompts learn and the image encoder is frozen. With ``augment: dassl`` (the original's random crop
+and flip) every step encodes its train views with the frozen encoder; with ``augment: none`` image features
+come from the features stage's cache (eval transform), which makes each step a text-tower pass. The naive
+pseudo-labels are computed once, from the cached target features.
 The original's quirks (amp-only, cosine stepped per iteration) are fixed: the cosine is stepped per epoch.
 """
 from __future__ import annotations
@@ -22,13 +24,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.data.shards import image_loader
+from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np, zero_shot_vectors
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
+from pipeline.methods.shared import KeyedRows, train_views
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptTokens, own_parameters, own_state
-from pipeline.schema import Block, boolean, integer, number, template
+from pipeline.schema import Block, boolean, integer, number, template, text
 
 PARAMS = Block({
     "n_ctx": integer(1, default=16),          # domain-agnostic context tokens (DAPL: 16)
@@ -38,6 +43,7 @@ PARAMS = Block({
     "threshold": number(0.0, default=0.5),    # pseudo-label confidence threshold tau
     "temperature": number(0.0, exclusive_min=True, default=1.0),
     "target_weight": number(0.0, default=1.0),  # U: weight of the masked target CE
+    "augment": text(TRAIN_TRANSFORMS, default="dassl"),  # train view (DAPL: Dassl crop + flip); none: cached features
 })
 
 
@@ -89,8 +95,14 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
                source_labels: np.ndarray, target_keys: list[str], target_features: np.ndarray,
                naive_probs: np.ndarray, dapl: dict[str, Any], epochs: int, batch_size: int, lr: float,
                momentum: float, weight_decay: float, seed: int, device: str, collapse_fraction: float = 1.0,
-               deterministic: bool = True, checkpoint_path=None) -> MethodResult:
-    """Learn DAPL prompts from cached source (labelled) and target (unlabelled) teacher image features."""
+               deterministic: bool = True, checkpoint_path=None, augmented: dict[str, Any] | None = None
+               ) -> MethodResult:
+    """Learn DAPL prompts from cached source (labelled) and target (unlabelled) teacher image features.
+
+    ``augmented`` (``source_dir``, ``target_dir``, ``augment``, ``num_workers``) trains on random train views
+    instead: every step then encodes its images with the frozen image encoder; the cached target features
+    still give the per-epoch predictions and the naive pseudo-labels (looked up by key).
+    """
     scale, precision = model.logit_scale, model.spec.precision
     model.model.to(device)
     with seeded(seed, deterministic=deterministic) as generator:
@@ -102,7 +114,7 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
                                            epochs=epochs)
     target = {"order": torch.randperm(len(ft), generator=generator), "pos": 0}
 
-    def batches(_epoch: int):
+    def cached_batches(_epoch: int):
         source_order = torch.randperm(len(fs), generator=generator)
         for i in range(0, len(source_order), batch_size):  # epoch = number of source batches
             s_idx = source_order[i:i + batch_size].to(device)
@@ -110,16 +122,16 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
                 target["order"], target["pos"] = torch.randperm(len(ft), generator=generator), 0
             t_idx = target["order"][target["pos"]:target["pos"] + len(s_idx)].to(device)
             target["pos"] += len(s_idx)
-            yield s_idx, t_idx
+            yield fs[s_idx], ys[s_idx], ft[t_idx], pt[t_idx]
 
     def step(batch, _it):
-        s_idx, t_idx = batch
+        f_s, y_s, f_t, p_t = batch
         with autocast(precision, device):
             text = prompts().float()
-        source_ce = F.cross_entropy(scale * fs[s_idx] @ text[0].t(), ys[s_idx])
-        target_ce, kept = masked_pseudo_label_ce(scale * ft[t_idx] @ text[1].t(), pt[t_idx], dapl["threshold"])
+        source_ce = F.cross_entropy(scale * f_s @ text[0].t(), y_s)
+        target_ce, kept = masked_pseudo_label_ce(scale * f_t @ text[1].t(), p_t, dapl["threshold"])
         value = source_ce + dapl["target_weight"] * target_ce
-        return value, {"loss": value.item(), "source_ce": source_ce.item(), "pseudo_labels_kept": kept / len(t_idx)}
+        return value, {"loss": value.item(), "source_ce": source_ce.item(), "pseudo_labels_kept": kept / len(f_t)}
 
     def predict() -> Prediction:
         prompts.eval()
@@ -128,11 +140,41 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
         return Prediction(target_keys, (ft @ text[1].t()).argmax(1).cpu().numpy())
 
     state = lambda: {"prompts": prompts.trainable_state()}  # noqa: E731
+    batches = cached_batches if augmented is None else _augmented_batches(
+        model, naive=KeyedRows(target_keys, naive_probs, "naive pseudo-labels"), batch_size=batch_size, seed=seed,
+        device=device, **augmented)
     out = fit(where="dapl", epochs=epochs, batches=batches, steps=[Step("prompts", step, optimizer, scheduler)],
               predict=predict, state=state, train_mode=prompts.train, n_classes=len(classnames),
               collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
     return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
                         trainable_params=sum(p.numel() for p in trainable))
+
+
+def _augmented_batches(model: LoadedModel, *, naive: KeyedRows, source_dir, target_dir, augment: str,
+                       num_workers: int, batch_size: int, seed: int, device: str):
+    """Batches of frozen image features of random train views: (source feats, labels, target feats, naive probs)."""
+    views = train_views(model, augment)
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(model.spec.precision, device):
+            return F.normalize(model.model.encode_image(images.to(device)).float(), dim=-1)
+
+    def targets():
+        epoch = 0
+        while True:  # endless; each pass re-shuffles (epoch = number of source batches, as above)
+            epoch += 1
+            yield from image_loader(target_dir, batch_size=batch_size, shuffle=True, seed=seed + 7919, epoch=epoch,
+                                    with_labels=False, num_workers=num_workers, **views)
+
+    target_iter = targets()
+
+    def batches(epoch: int):
+        for _, images, labels in image_loader(source_dir, batch_size=batch_size, shuffle=True, seed=seed,
+                                              epoch=epoch, with_labels=True, num_workers=num_workers, **views):
+            t_keys, t_images = next(target_iter)
+            yield encode(images), labels.to(device), encode(t_images), naive(t_keys).to(device)
+
+    return batches
 
 
 def make_prompts(clip, tokenizer, classnames: list[str], domains: list[str], dapl: dict[str, Any]) -> DaplPrompts:
@@ -159,7 +201,10 @@ def run(job: TaskJob) -> MethodResult:
         naive_probs=knn.refine_all() if knn else probs, dapl=block, epochs=d["epochs"], batch_size=d["batch_size"],
         lr=d["lr"], momentum=d["momentum"], weight_decay=d["weight_decay"], seed=job.seed, device=job.device,
         collapse_fraction=d["collapse_fraction"], deterministic=job.deterministic,
-        checkpoint_path=job.checkpoint_path)
+        checkpoint_path=job.checkpoint_path,
+        augmented=None if block["augment"] == "none" else {
+            "source_dir": job.shard_dir("source"), "target_dir": job.shard_dir("target"),
+            "augment": block["augment"], "num_workers": job.num_workers})
 
 
 def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:

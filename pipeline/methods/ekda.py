@@ -24,13 +24,14 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.data.shards import image_loader
+from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import logits, softmax_np
 from pipeline.losses import DistillLoss, build_distill_loss
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.refine import KnnRefiner
 from pipeline.methods.shared import (KeyedRows, build_student, build_teacher, loss_state, make_student,
-                                     predict_student)
+                                     predict_student, train_views)
 from pipeline.methods.source_prompts import teacher_step_loss
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
@@ -51,6 +52,7 @@ PARAMS = Block({
     "kl_weight": number(0.0, default=1.0),
     "ce_weight": number(0.0, default=1.0),    # student: CE to the teacher's arg-max pseudo-labels (no threshold)
     "align_weight": number(0.0, default=1.0),  # student: squared L2 between normalised teacher and student features
+    "augment": text(TRAIN_TRANSFORMS, default="dassl"),  # train view of source and target (EKDA/CDU: Dassl crop + flip)
 })
 
 
@@ -60,13 +62,14 @@ def teacher_config(ekda: dict[str, Any]) -> dict[str, Any]:
             "visual_tokens": ekda["visual_tokens"], "visual_location": "middle"}
 
 
-def _target_batches(shard_dir: Path, *, transform, batch_size: int, seed: int, num_workers: int) -> Iterator:
+def _target_batches(shard_dir: Path, *, views: dict[str, Any], batch_size: int, seed: int,
+                    num_workers: int) -> Iterator:
     """Endless shuffled target batches (no labels); each pass re-shuffles with a new epoch seed."""
     epoch = 0
     while True:
         epoch += 1
-        for keys, images in image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=True,
-                                         seed=seed + 7919, epoch=epoch, with_labels=False, num_workers=num_workers):
+        for keys, images in image_loader(shard_dir, batch_size=batch_size, shuffle=True, seed=seed + 7919,
+                                         epoch=epoch, with_labels=False, num_workers=num_workers, **views):
             if len(keys) >= 2:  # BatchNorm in the projector needs two samples
                 yield keys, images
 
@@ -77,8 +80,12 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                weight_decay: float, n_tokens: int, location: str, depth: int, seed: int, device: str,
                refiner: KnnRefiner | None = None, collapse_fraction: float = 1.0, num_workers: int = 0,
                deterministic: bool = True, checkpoint_path: str | Path | None = None,
-               eval_batch_size: int = 128) -> MethodResult:
-    """Train teacher prompts and student together; per-epoch target predictions of the student, and both states."""
+               eval_batch_size: int = 128, augment: str = "none") -> MethodResult:
+    """Train teacher prompts and student together; per-epoch target predictions of the student, and both states.
+
+    With ``augment`` both steps see random train views, and the zero-shot image features of the teacher's
+    regulariser are computed on the same view (one more frozen forward) instead of read from the cache.
+    """
     source_dir, target_dir = Path(source_dir), Path(target_dir)
     if student_model.identity["preprocess"] != teacher_model.identity["preprocess"]:
         raise ValueError("EKDA feeds one target batch to teacher and student, so their preprocessing must match: "
@@ -98,20 +105,25 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                                      epochs=epochs)
     opt_s, sched_s = sgd_with_cosine(s_params, lr=lr, momentum=momentum, weight_decay=weight_decay, epochs=epochs)
     weights = {k: ekda[k] for k in ("text_weight", "image_weight", "kl_weight")}
-    targets = _target_batches(target_dir, transform=student_model.preprocess, batch_size=batch_size, seed=seed,
-                              num_workers=num_workers)
+    targets = _target_batches(target_dir, views=train_views(student_model, augment), batch_size=batch_size,
+                              seed=seed, num_workers=num_workers)
 
     def batches(epoch: int):
-        for source in image_loader(source_dir, transform=teacher_model.preprocess, batch_size=batch_size,
-                                   shuffle=True, seed=seed, epoch=epoch, with_labels=True, num_workers=num_workers):
+        for source in image_loader(source_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                   with_labels=True, num_workers=num_workers, **train_views(teacher_model, augment)):
             yield source, next(targets)
+
+    def zero_shot_image(keys: list[str], images: torch.Tensor) -> torch.Tensor:
+        if augment == "none":
+            return source_zs_features(keys).to(device)
+        with torch.no_grad(), autocast(t_prec, device):  # the cache holds the eval view only
+            return F.normalize(teacher_model.model.encode_image(images).float(), dim=-1)
 
     def teacher_step(batch, _it):
         (s_keys, s_images, s_labels), _ = batch
-        y = s_labels.to(device)
-        value, z = teacher_loss(teacher, s_images.to(device), y, zs_text=zs_text_t,
-                                zs_image=source_zs_features(s_keys).to(device), scale=scale, precision=t_prec,
-                                weights=weights)
+        y, images = s_labels.to(device), s_images.to(device)
+        value, z = teacher_loss(teacher, images, y, zs_text=zs_text_t, zs_image=zero_shot_image(s_keys, images),
+                                scale=scale, precision=t_prec, weights=weights)
         return value, {"teacher_loss": value.item(), "source_acc": (z.argmax(1) == y).float().mean().item() * 100}
 
     def student_step(batch, _it):
@@ -200,7 +212,8 @@ def run(job: TaskJob) -> MethodResult:
         epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"], momentum=d["momentum"],
         weight_decay=d["weight_decay"], seed=job.seed, device=job.device, collapse_fraction=d["collapse_fraction"],
         num_workers=job.num_workers, deterministic=job.deterministic, checkpoint_path=job.checkpoint_path,
-        eval_batch_size=job.eval_batch_size, **{k: block[k] for k in ("n_tokens", "location", "depth")})
+        eval_batch_size=job.eval_batch_size,
+        **{k: block[k] for k in ("n_tokens", "location", "depth", "augment")})
 
 
 def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:

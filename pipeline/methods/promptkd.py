@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from pipeline.data.shards import image_loader
+from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np
 from pipeline.losses import DistillLoss, build_distill_loss
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
-from pipeline.methods.shared import KeyedRows, build_student, loss_state, make_student, predict_student
+from pipeline.methods.shared import (KeyedRows, build_student, loss_state, make_student, predict_student,
+                                     train_views)
 from pipeline.methods.training import Prediction, Step, fit, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import LOCATIONS
@@ -30,6 +32,7 @@ PARAMS = Block({  # the student's visual prompts (PromptKD: IVLP-style, 4 tokens
     "n_tokens": integer(0, default=4),
     "location": text(LOCATIONS, default="append"),
     "depth": integer(0, default=9),  # layers with their own prompts (1: shallow; 0: every layer)
+    "augment": text(TRAIN_TRANSFORMS, default="dassl"),  # student train view (PromptKD: Dassl random crop + flip)
 })
 
 
@@ -38,10 +41,13 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
                      shard_dir: str | Path, epochs: int, batch_size: int, lr: float, momentum: float,
                      weight_decay: float, n_tokens: int, location: str, depth: int, seed: int, device: str,
                      collapse_fraction: float = 1.0, num_workers: int = 0, deterministic: bool = True,
-                     checkpoint_path: str | Path | None = None, eval_batch_size: int = 128) -> MethodResult:
+                     checkpoint_path: str | Path | None = None, eval_batch_size: int = 128,
+                     augment: str = "none") -> MethodResult:
     """Train the student from cached teacher outputs; per-epoch target predictions and its trainable state.
 
-    ``teacher_logits`` may be kNN-refined upstream (:mod:`pipeline.methods.refine`).
+    ``teacher_logits`` may be kNN-refined upstream (:mod:`pipeline.methods.refine`). With ``augment`` the
+    student sees a random train view of each image while its target stays the teacher's cached output for
+    the eval view (the original runs the teacher online on the same augmented view).
     """
     shard_dir = Path(shard_dir)
     W = torch.from_numpy(class_vectors).float().to(device)
@@ -56,8 +62,9 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     precision, transform = student_model.spec.precision, student_model.preprocess
 
     def batches(epoch: int):
-        for keys, images in image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=True,
-                                         seed=seed, epoch=epoch, with_labels=False, num_workers=num_workers):
+        for keys, images in image_loader(shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                         with_labels=False, num_workers=num_workers,
+                                         **train_views(student_model, augment)):
             if len(keys) >= 2:  # BatchNorm in the projector needs two samples
                 yield keys, images
 
@@ -107,14 +114,16 @@ def run(job: TaskJob) -> MethodResult:
         momentum=d["momentum"], weight_decay=d["weight_decay"], seed=job.seed, device=job.device,
         collapse_fraction=d["collapse_fraction"], num_workers=job.num_workers, deterministic=job.deterministic,
         checkpoint_path=job.checkpoint_path, eval_batch_size=job.eval_batch_size,
-        **{k: job.block[k] for k in ("n_tokens", "location", "depth")})
+        **{k: job.block[k] for k in ("n_tokens", "location", "depth", "augment")})
 
 
 def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:
     t_name, s_name = params["model"]["teacher"]["name"], params["model"]["student"]["name"]
     teacher, student = param_counts.meta_model(t_name), param_counts.meta_model(s_name)
+    block = params["distill"]["promptkd"]
     with torch.device("meta"):
-        s = make_student(student.visual, teacher_dim=teacher.text_projection.shape[-1], **params["distill"]["promptkd"])
+        s = make_student(student.visual, teacher_dim=teacher.text_projection.shape[-1],
+                         **{k: block[k] for k in ("n_tokens", "location", "depth")})
     return [param_counts.source_prompt_row(params, n_classes),
             {"part": "student (visual prompts + projector)", "model": s_name,
              **param_counts.count(s, s.trainable_parameters(), student.visual)}]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.transforms import train_transform
 from pipeline.features.cache import encode_shards
 from pipeline.models.factory import LoadedModel
 from pipeline.models.prompted import PromptedStudent, PromptedTeacher
@@ -79,6 +80,14 @@ def predict_student(student: PromptedStudent, class_vectors: torch.Tensor, logit
         z = logit_scale * chunk @ class_vectors.to(device).t()
         preds.append(loss.inference_logits(z, chunk).argmax(1).cpu())
     return keys, torch.cat(preds).numpy()
+
+
+def train_views(model: LoadedModel, augment: str) -> dict[str, Any]:
+    """``image_loader`` keywords for training images of ``model``: its eval transform (``augment: none``) or
+    one seeded train view of that kind (:func:`pipeline.data.transforms.train_transform`)."""
+    if augment == "none":
+        return {"transform": model.preprocess}
+    return {"views": (train_transform(augment, model.identity["preprocess"]),)}
 
 
 def loss_state(loss: nn.Module) -> dict[str, torch.Tensor]:

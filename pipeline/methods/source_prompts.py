@@ -5,9 +5,10 @@ model: L1 to the zero-shot text vectors (a template ensemble) and image features
 zero-shot logits; optional Gaussian prompt aggregation (GPA) averages the per-epoch prompts with weights
 N(epoch; mean, std). The same teacher step serves EKDA (:mod:`pipeline.methods.ekda`).
 
-With text prompts only, the image encoder is frozen and images get the model's deterministic eval
-transform, so the source image features are computed once and every step only runs the text tower over
-the C class prompts. Visual prompts make every step encode its images.
+With text prompts only and ``augment: none``, the image encoder is frozen and images get the model's
+deterministic eval transform, so the source image features are computed once and every step only runs the
+text tower over the C class prompts. A train view (``augment: dassl``, CoOp's random crop and flip) or
+visual prompts make every step encode its images.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.data.shards import image_loader
 from pipeline.features.cache import encode_shards
 from pipeline.losses.kd import kl_divergence
-from pipeline.methods.shared import build_teacher
+from pipeline.methods.shared import build_teacher, train_views
 from pipeline.methods.training import check_finite, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 
@@ -87,7 +88,8 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
                          num_workers: int = 0, deterministic: bool = True) -> dict[str, Any]:
     """Learn the teacher's prompts on labelled source shards.
 
-    ``config`` holds :data:`TEACHER_KEYS` plus ``text_weight``, ``image_weight``, ``kl_weight``,
+    ``config`` holds :data:`TEACHER_KEYS` plus ``augment`` (a train transform kind; absent: none),
+    ``text_weight``, ``image_weight``, ``kl_weight``,
     ``gpa_mean`` (0: off) and ``gpa_std``. Returns per-epoch trainable states, the reported state (GPA
     aggregate or last epoch) and a log.
     """
@@ -95,8 +97,10 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
     with seeded(seed, deterministic=deterministic) as generator:
         teacher = build_teacher(teacher_model, classnames, config).to(device)
     visual = teacher.vision is not None
+    augment = config.get("augment", "none")
+    cached = not visual and augment == "none"
     zs_text = zs_text.to(device) if zs_text is not None else None
-    if not visual:  # frozen image encoder: encode the source once
+    if cached:  # frozen image encoder, eval view: encode the source once
         _, feats, labels = encode_shards(model.encode_image, shard_dir, transform=teacher_model.preprocess,
                                          batch_size=batch_size, device=device, precision=precision,
                                          with_labels=True, num_workers=num_workers, desc="source features")
@@ -110,12 +114,12 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
         teacher.train()
         model.eval()
         start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
-        if visual:
-            batches = ((images, None, y) for _, images, y in image_loader(
-                shard_dir, transform=teacher_model.preprocess, batch_size=batch_size, shuffle=True, seed=seed,
-                epoch=epoch, with_labels=True, num_workers=num_workers))
-        else:
+        if cached:
             batches = _cached_batches(feats, labels, batch_size, generator)
+        else:
+            batches = ((images, None, y) for _, images, y in image_loader(
+                shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch, with_labels=True,
+                num_workers=num_workers, **train_views(teacher_model, augment)))
         for images, image_feats, y in batches:
             y = y.to(device)
             with autocast(precision, device):
@@ -128,6 +132,9 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
                         with torch.no_grad():
                             zs_image = F.normalize(model.encode_image(images).float(), dim=-1)
                 else:
+                    if images is not None:  # a train view through the frozen image encoder
+                        with torch.no_grad():
+                            image_feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
                     zs_image = image_feats
                 logits = scale * image_feats.float() @ text.float().t()
             loss, _ = teacher_step_loss(logits, y, text=text, image=image_feats, zs_text=zs_text, zs_image=zs_image,
