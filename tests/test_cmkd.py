@@ -11,7 +11,7 @@ import torch
 
 from pipeline.methods.cmkd import (DEFAULT_CFG, CmkdModel, TaskHead, calibrated_alpha, cmkd_losses, cmkd_optimizer,
                                    cmkd_step, fixmatch_losses, gini_impurity, lr_factor, warmup_lambda)
-from pipeline.methods.common import TrainingDiverged
+from pipeline.methods.training import TrainingDiverged
 from pipeline.models.residual import (RstProjection, dsp_counts, frozen_copy, load_residual, project_,
                                       save_residual, visual_weights_hash)
 

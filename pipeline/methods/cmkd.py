@@ -4,7 +4,8 @@ CMKD ("Unsupervised Domain Adaption Harnessing Vision-Language Pre-training", TC
 ``Wenlve-Zhou/VLP-UDA``) fine-tunes the whole CLIP visual tower f in fp32 with two heads on its features:
 the task head h (BN -> LN -> Linear, used at test) and the CLIP head g(x) = s * f^(x) . W^T with the class text
 vectors W fixed. g moves with f, so its logits are recomputed every step and cannot be cached. Where the paper
-and the code differ, the code is followed (noted at each place).
+and the code differ, the code is followed (noted at each place). :func:`cmkd_loss` is an iteration's forward
+(a ``training.Step`` loss); :func:`cmkd_step` is a whole iteration on its own (update, RST, lr schedule).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.methods.common import check_finite
+from pipeline.methods.training import update
 
 # The Office-Home yaml of the original (reported setting). cmkd_step requires every key; nothing is filled in.
 DEFAULT_CFG = {"lambda1": 0.25, "lambda2": 0.1, "lambda3": 0.025, "label_smoothing": 0.1, "lambda_max_iter": 10000,
@@ -173,29 +174,20 @@ def _check_cfg(cfg: dict) -> dict:
     return cfg
 
 
-def cmkd_step(model: CmkdModel, optimizer: torch.optim.Optimizer, scheduler, *, source_images: torch.Tensor,
-              source_labels: torch.Tensor, target_weak: torch.Tensor, target_strong: torch.Tensor | None = None,
-              t: int, cfg: dict, rst=None) -> dict[str, float]:
-    """One CMKD iteration, in the original's order; returns every loss term, ``total`` and diagnostics as floats.
+def cmkd_loss(model: CmkdModel, *, source_images: torch.Tensor, source_labels: torch.Tensor,
+              target_weak: torch.Tensor, target_strong: torch.Tensor | None = None, t: int, cfg: dict
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The forward half of an iteration: ``(total loss, {every term, total, diagnostics} as floats)``.
 
-    ``cfg`` keys (all required, see :data:`DEFAULT_CFG`): ``lambda1``, ``lambda2``, ``lambda3``,
-    ``label_smoothing``, ``lambda_max_iter`` and ``fixmatch: {enabled, threshold, weight}``. ``t`` is the
-    iteration index from 0; lambda(t) and the lr schedule share it, so a given ``scheduler`` must have stepped
-    exactly ``t`` times. ``rst``: a :class:`pipeline.models.residual.RstProjection`, applied after the optimiser
-    step and before the scheduler step.
-
-    Encoder passes: source, target weak and (FixMatch) target strong, each followed by its own head call.
-    A NaN/inf loss raises :class:`pipeline.methods.common.TrainingDiverged` before ``backward``, so the
-    weights keep their last finite values.
+    Fits a :class:`pipeline.methods.training.Step` loss. ``cfg`` keys (all required, see :data:`DEFAULT_CFG`):
+    ``lambda1``, ``lambda2``, ``lambda3``, ``label_smoothing``, ``lambda_max_iter`` and
+    ``fixmatch: {enabled, threshold, weight}``; ``t`` is the iteration index from 0. Encoder passes: source,
+    target weak and (FixMatch) target strong, each followed by its own head call (BN statistics per domain).
     """
     fm = _check_cfg(cfg)["fixmatch"]
     if fm["enabled"] != (target_strong is not None):
         raise ValueError(f"fixmatch.enabled is {fm['enabled']} but target_strong is "
                          f"{'missing' if target_strong is None else 'given'}")
-    if scheduler is not None and scheduler.last_epoch != t:
-        raise ValueError(f"t={t} but the lr scheduler has stepped {scheduler.last_epoch} times; lambda(t) and the "
-                         f"lr schedule share one iteration counter")
-    model.train()
     f_s = model.features(source_images)
     h_s, g_s = model.head_logits(f_s), model.clip_logits(f_s)
     f_t = model.features(target_weak)
@@ -210,13 +202,27 @@ def cmkd_step(model: CmkdModel, optimizer: torch.optim.Optimizer, scheduler, *, 
         losses.update(fm_losses)
         stats.update(fm_stats)
     total = sum(losses.values())
-    check_finite(total, where=f"CMKD iteration {t}", checkpoint=None)
-    stats["lr"] = optimizer.param_groups[0]["lr"]  # the visual group's lr used by this step
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    optimizer.step()
-    if rst is not None:
-        rst(model.visual)
+    return total, {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach()), **stats}
+
+
+def cmkd_step(model: CmkdModel, optimizer: torch.optim.Optimizer, scheduler, *, source_images: torch.Tensor,
+              source_labels: torch.Tensor, target_weak: torch.Tensor, target_strong: torch.Tensor | None = None,
+              t: int, cfg: dict, rst=None) -> dict[str, float]:
+    """One CMKD iteration in the original's order; returns :func:`cmkd_loss`'s floats plus the ``lr`` used.
+
+    forward + loss (:func:`cmkd_loss`) -> NaN/inf check -> zero_grad -> backward -> optimiser step -> ``rst``
+    (a :class:`pipeline.models.residual.RstProjection`) -> ``scheduler.step()``. lambda(t) and the lr schedule
+    share one counter, so a given ``scheduler`` must have stepped exactly ``t`` times. A NaN/inf loss raises
+    :class:`pipeline.methods.training.TrainingDiverged` before ``backward``: the weights keep their last values.
+    """
+    if scheduler is not None and scheduler.last_epoch != t:
+        raise ValueError(f"t={t} but the lr scheduler has stepped {scheduler.last_epoch} times; lambda(t) and the "
+                         f"lr schedule share one iteration counter")
+    model.train()
+    total, logged = cmkd_loss(model, source_images=source_images, source_labels=source_labels,
+                              target_weak=target_weak, target_strong=target_strong, t=t, cfg=cfg)
+    logged["lr"] = optimizer.param_groups[0]["lr"]  # the visual group's lr used by this step
+    update(optimizer, total, where=f"CMKD iteration {t}", after=None if rst is None else lambda: rst(model.visual))
     if scheduler is not None:
         scheduler.step()
-    return {**{k: float(v.detach()) for k, v in losses.items()}, "total": float(total.detach()), **stats}
+    return logged
