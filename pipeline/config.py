@@ -16,7 +16,7 @@ from pipeline.data.benchmarks import GENERIC_FORMATS, HEADLINES, SPLITS, benchma
 from pipeline.data.classlists import available_classlists
 from pipeline.data.digits import DOMAINS as DIGITS_DOMAINS
 from pipeline.features.cache import FAISS_INDEXES
-from pipeline.losses.kd import REDUCTIONS as KD_REDUCTIONS
+from pipeline.losses import loss_schema
 from pipeline.models.factory import PRECISIONS
 from pipeline.models.prompted import LOCATIONS, PROMPT_INITS
 from pipeline.orchestration.devices import DEVICE_POLICIES
@@ -36,10 +36,7 @@ MODEL = {"name": text(), "pretrained": text(optional=True, nullable=True),
 SGD = {"epochs": integer(1), "batch_size": integer(2), "lr": number(0.0), "momentum": number(0.0),
        "weight_decay": number(0.0)}
 
-LOSS = {"name": text(LOSS_NAMES), "weight": number(0.0), "reduction": text(KD_REDUCTIONS),
-        "temperature": number(1e-6), "nd_weight": number(0.0), "sinkhorn_weight": number(0.0),
-        "sinkhorn_epsilon": number(1e-6), "sinkhorn_iters": integer(1), "dual_alpha": number(0.0),
-        "dual_beta": number(1e-6)}
+LOSS = loss_schema()  # common keys + one optional block per loss, from the registry pipeline.losses.LOSSES
 
 STUDENT = {"n_tokens": integer(0), "location": text(LOCATIONS), "depth": integer(0)}  # student visual prompts
 
@@ -153,8 +150,6 @@ def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
         errors.append("distill.ekda.n_tokens: EKDA's student learns visual prompts; expected > 0")
     if not 0.0 < d["collapse_fraction"] <= 1.0:
         errors.append(f"distill.collapse_fraction: expected a fraction in (0, 1], got {d['collapse_fraction']!r}")
-    if d["loss"]["dual_alpha"] > 1.0:
-        errors.append(f"distill.loss.dual_alpha: expected a weight in [0, 1], got {d['loss']['dual_alpha']!r}")
     pr = p["prompts"]
     if pr["n_ctx"] == 0 and pr["visual_tokens"] == 0:
         errors.append("prompts: n_ctx and visual_tokens are both 0, so nothing would be learned; set either")
