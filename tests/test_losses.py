@@ -61,6 +61,7 @@ def test_errors():
 # Python floats and loops that follow each formula, never by calling the implementation.
 # ---------------------------------------------------------------------------------------------------------------
 from pipeline.config import validate_params  # noqa: E402
+from pipeline.data.benchmark_configs import benchmark_params  # noqa: E402
 from pipeline.losses import (LOSS_DEFAULTS, LOSSES, DistillLoss, build_distill_loss, loss_schema,  # noqa: E402
                              sinkhorn_distance, sinkhorn_plan)
 from pipeline.schema import ConfigError, Field  # noqa: E402
@@ -558,3 +559,10 @@ def test_registry_entries_are_complete():
         assert name in loss_schema() if cls.params else name not in loss_schema()
         loss = build_distill_loss(_cfg(name), n_classes=3, feature_dim=4)
         assert type(loss) is cls and loss.required_inputs == cls.required_inputs
+
+
+def test_benchmark_configs_use_the_published_promptkd_kd_setting():
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert (base["distill"]["loss"]["weight"], base["distill"]["loss"]["reduction"]) == (1.0, "batchmean")
+    loss = benchmark_params(base, "office31")["distill"]["loss"]
+    assert (loss["weight"], loss["reduction"], loss["temperature"]) == (1000.0, "numel", 1.0)
