@@ -20,7 +20,7 @@ from pipeline.data.classlists import available_classlists
 from pipeline.data.digits import DOMAINS as DIGITS_DOMAINS
 from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import FAISS_INDEXES
-from pipeline.losses.kd import REDUCTIONS as KD_REDUCTIONS
+from pipeline.losses import loss_schema
 from pipeline.methods import METHODS
 from pipeline.models.factory import PRECISIONS
 from pipeline.models.prompted import LOCATIONS, PROMPT_INITS
@@ -28,7 +28,6 @@ from pipeline.orchestration.devices import DEVICE_POLICIES
 from pipeline.schema import (ConfigError, DictOf, Tagged, boolean, integer, number, template, text, text_list,
                              text_map, validate)
 
-LOSS_NAMES = ("kl", "nd", "sinkhorn", "dual_head", "binary_kl")  # pipeline.losses implements each
 DATASET_FORMATS = ("digits", *external_formats())
 
 
@@ -40,10 +39,7 @@ MODEL = {"name": text(), "pretrained": text(optional=True, nullable=True),
 SGD = {"epochs": integer(1), "batch_size": integer(2), "lr": number(0.0), "momentum": number(0.0),
        "weight_decay": number(0.0)}
 
-LOSS = {"name": text(LOSS_NAMES), "weight": number(0.0), "reduction": text(KD_REDUCTIONS),
-        "temperature": number(1e-6), "nd_weight": number(0.0), "sinkhorn_weight": number(0.0),
-        "sinkhorn_epsilon": number(1e-6), "sinkhorn_iters": integer(1), "dual_alpha": number(0.0),
-        "dual_beta": number(1e-6)}
+LOSS = loss_schema()  # common keys + one optional block per loss, from the registry pipeline.losses.LOSSES
 
 
 # data.datasets entries, by format. External datasets are read from `root` (see DATASETS.md).

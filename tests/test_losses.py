@@ -1,8 +1,12 @@
-"""KL distillation against values computed by hand."""
+"""Distillation losses against values computed by hand; the distill.loss schema."""
+import copy
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.losses.kd import kl_divergence
 
@@ -56,11 +60,17 @@ def test_errors():
 # Pluggable distillation losses (pipeline.losses.distill_loss). Reference values are computed below with plain
 # Python floats and loops that follow each formula, never by calling the implementation.
 # ---------------------------------------------------------------------------------------------------------------
-from pipeline.losses import (LOSS_DEFAULTS, LOSS_NAMES, DistillLoss, build_distill_loss,  # noqa: E402
+from pipeline.config import validate_params  # noqa: E402
+from pipeline.data.benchmark_configs import benchmark_params  # noqa: E402
+from pipeline.losses import (LOSS_DEFAULTS, LOSSES, DistillLoss, build_distill_loss, loss_schema,  # noqa: E402
                              sinkhorn_distance, sinkhorn_plan)
+from pipeline.schema import ConfigError, Field  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(name, **overrides):
+    """A distill.loss block: common keys as keyword arguments, a loss's own block as a dict (nd={"weight": 2.0})."""
     return {**LOSS_DEFAULTS, "name": name, **overrides}
 
 
@@ -102,10 +112,10 @@ def _binary_kl_by_hand(student, teacher, T):
 
 
 def test_defaults_and_names():
-    assert LOSS_NAMES == ("kl", "nd", "sinkhorn", "dual_head", "binary_kl")
+    assert tuple(LOSSES) == ("kl", "nd", "sinkhorn", "dual_head", "binary_kl", "binary_kl_norm", "soft_ce")
     assert LOSS_DEFAULTS == {"name": "kl", "weight": 1.0, "reduction": "batchmean", "temperature": 1.0,
-                             "nd_weight": 1.0, "sinkhorn_weight": 1.0, "sinkhorn_epsilon": 0.1, "sinkhorn_iters": 20,
-                             "dual_alpha": 0.5, "dual_beta": 1.0}
+                             "nd": {"weight": 1.0}, "sinkhorn": {"weight": 1.0, "epsilon": 0.1, "iters": 20},
+                             "dual_head": {"alpha": 0.5, "beta": 1.0}}
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
@@ -127,12 +137,12 @@ def test_temperature_factor_is_t_squared():
     assert at_t2.item() == pytest.approx(4.0 * at_t1.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["kl", "binary_kl", "sinkhorn"])
+@pytest.mark.parametrize("name", ["kl", "binary_kl", "sinkhorn", "binary_kl_norm", "soft_ce"])
 def test_numel_reduction_is_batchmean_over_c_for_the_kd_term(name):
     z_s, z_t = torch.tensor(S), torch.tensor(T_)
     bm = build_distill_loss(_cfg(name, reduction="batchmean"), n_classes=3, feature_dim=4)(z_s, z_t)[1]
     ne = build_distill_loss(_cfg(name, reduction="numel"), n_classes=3, feature_dim=4)(z_s, z_t)[1]
-    kd_part = "binary_kl" if name == "binary_kl" else "kl"
+    kd_part = "kl" if name == "sinkhorn" else name
     assert ne[kd_part] == pytest.approx(bm[kd_part] / 3, rel=1e-5)
     if name == "sinkhorn":                                   # the Sinkhorn term is not affected by `reduction`
         assert ne["sinkhorn"] == pytest.approx(bm["sinkhorn"], rel=1e-6)
@@ -147,7 +157,7 @@ def test_nd_matches_written_out_value():
     centres = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
     z_s = torch.tensor([[0.1, 0.2, 0.3], [0.0, 0.0, 0.0]])
     z_t = torch.tensor([[0.0, 1.0, 5.0], [1.0, 4.0, 0.0]])
-    loss = build_distill_loss(_cfg("nd", nd_weight=2.0, weight=0.5), n_classes=3, feature_dim=3)
+    loss = build_distill_loss(_cfg("nd", nd={"weight": 2.0}, weight=0.5), n_classes=3, feature_dim=3)
     total, parts = loss(z_s, z_t, f_s=f_s, f_t=f_t, class_centers=centres)
     kl = 0.5 * _kl_by_hand(z_s.tolist(), z_t.tolist(), 1.0) / 2
     assert parts["nd"] == pytest.approx(2.0 * 0.35, rel=1e-6)
@@ -172,8 +182,8 @@ SK_T = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 3.0, 0.0]]
 
 @pytest.mark.parametrize("T,eps,iters", [(1.0, 0.1, 20), (2.0, 0.1, 20), (1.0, 0.5, 3), (2.0, 0.05, 1)])
 def test_sinkhorn_matches_hand_values(T, eps, iters):
-    loss = build_distill_loss(_cfg("sinkhorn", temperature=T, sinkhorn_epsilon=eps, sinkhorn_iters=iters,
-                                   sinkhorn_weight=0.3, weight=2.0), n_classes=3, feature_dim=4)
+    loss = build_distill_loss(_cfg("sinkhorn", temperature=T, sinkhorn={"epsilon": eps, "iters": iters, "weight": 0.3},
+                                   weight=2.0), n_classes=3, feature_dim=4)
     total, parts = loss(torch.tensor(SK_S), torch.tensor(SK_T))
     sk = 0.3 * _sinkhorn_by_hand(SK_S, SK_T, T, eps, iters)
     kl = 2.0 * T * T * _kl_by_hand(SK_S, SK_T, T) / 3
@@ -258,11 +268,104 @@ def test_binary_kl_is_stable_and_zero_at_equality():
     assert total.item() == pytest.approx(380.0, rel=1e-4) and torch.isfinite(z_s.grad).all()
 
 
+# binary_kl_norm (DHKD's BinaryKLNorm): d = sigmoid((z_s - z_t)/T); per element 1/2 log(1/2 / d) + 1/2 log(1/2 / (1-d))
+LN3, LN4 = math.log(3.0), math.log(4.0)
+BKN_T = [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+BKN_S = [[2 * LN3, 0.0, -2 * LN3], [1.0 + 2 * LN4, 1.0, 1.0]]     # z_t + T * x with T = 2
+
+
+@pytest.mark.parametrize("reduction,expected", [
+    # x = (z_s - z_t)/2 = [[ln 3, 0, -ln 3], [ln 4, 0, 0]], so d = sigmoid(x) = [[3/4, 1/2, 1/4], [4/5, 1/2, 1/2]].
+    # d = 3/4 or 1/4: 1/2 log(2/3) + 1/2 log(2) = 1/2 log(4/3); d = 1/2: 1/2 log 1 + 1/2 log 1 = 0;
+    # d = 4/5: 1/2 log(5/8) + 1/2 log(5/2) = 1/2 log(25/16) = log(5/4). Sum = log(4/3) + log(5/4) = log(5/3).
+    # w = 1.5, T^2 = 4: batchmean 1.5 * 4 * log(5/3) / 2 = 3 log(5/3) = 1.532477; numel / 6: log(5/3) = 0.510826
+    ("batchmean", 3 * math.log(5 / 3)), ("numel", math.log(5 / 3)),
+])
+def test_binary_kl_norm_matches_hand_values(reduction, expected):
+    loss = build_distill_loss(_cfg("binary_kl_norm", weight=1.5, temperature=2.0, reduction=reduction),
+                              n_classes=3, feature_dim=4)
+    total, parts = loss(torch.tensor(BKN_S), torch.tensor(BKN_T))
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert parts == {"binary_kl_norm": pytest.approx(expected, rel=1e-6)}
+
+
+def _binary_kl_norm_by_hand(student, teacher, T):
+    total = 0.0
+    for zs_row, zt_row in zip(student, teacher):
+        for zs, zt in zip(zs_row, zt_row):
+            d = _sigmoid((zs - zt) / T)
+            total += 0.5 * math.log(0.5 / d) + 0.5 * math.log(0.5 / (1 - d))
+    return total
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0, 4.0])
+def test_binary_kl_norm_matches_the_written_out_formula(T):
+    loss = build_distill_loss(_cfg("binary_kl_norm", temperature=T), n_classes=3, feature_dim=4)
+    assert loss(torch.tensor(S), torch.tensor(T_))[0].item() == pytest.approx(
+        T * T * _binary_kl_norm_by_hand(S, T_, T) / 2, rel=1e-5)
+
+
+def test_binary_kl_norm_zero_only_at_equality_stable_when_saturated():
+    loss = build_distill_loss(_cfg("binary_kl_norm"), n_classes=3, feature_dim=4)
+    z = torch.tensor([[300.0, -300.0, 0.0], [-80.0, 80.0, 5.0]])
+    assert loss(z, z)[0].item() == pytest.approx(0.0, abs=1e-6)
+    # a shift of every logit by 1 leaves the softmax (and kl) unchanged but not this loss:
+    # d = sigmoid(1) per element: 1/2 log(1/2 / d) + 1/2 log(1/2 / (1-d)) = 0.120115 (= log cosh(1/2)); 6 elements,
+    # B = 2
+    d = 1 / (1 + math.exp(-1))
+    shifted = 0.5 * math.log(0.5 / d) + 0.5 * math.log(0.5 / (1 - d))
+    assert loss(z + 1, z)[0].item() == pytest.approx(6 * shifted / 2, rel=1e-5)
+    # saturated: z_s - z_t = [600, -600, 0] at T = 1: d = 1 - e^-600 and e^-600, where the original's 1e-8 clamp
+    # cuts the gradient. Element 1: 1/2 log(1/2 / 1) + 1/2 log(1/2 / e^-600) = 300 - log 2, element 2 the same,
+    # element 3: 0, so L = 600 - 2 log 2; the gradient per element is tanh(x/2)/2 = +1/2, -1/2, 0.
+    z_s = torch.tensor([[600.0, -600.0, 0.0]], requires_grad=True)
+    total = loss(z_s, torch.zeros(1, 3))[0]
+    total.backward()
+    assert total.item() == pytest.approx(600 - 2 * math.log(2), rel=1e-6)
+    assert z_s.grad[0].tolist() == pytest.approx([0.5, -0.5, 0.0], abs=1e-6)
+
+
+# soft_ce (SinKD's DistillKL): -sum_k softmax(z_t/T)_k log softmax(z_s/T)_k, averaged; no T^2
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("reduction,denom", [("batchmean", 2), ("numel", 4)])
+def test_soft_ce_matches_hand_values(T, reduction, denom):
+    # z_t/T = [[0, 0], [0, 0]] -> p_t = [1/2, 1/2] in both rows;
+    # z_s/T = [[ln 3, 0], [0, 0]] -> p_s = [3/4, 1/4] and [1/2, 1/2]
+    # row 1: -1/2 log(3/4) - 1/2 log(1/4) = 1/2 log(4/3) + log 2 = 1/2 log(16/3); row 2: log 2 (the teacher entropy)
+    # sum = 1/2 log(16/3) + log 2 = 1/2 log(64/3) = 1.530153; batchmean / 2 = 0.765077, numel / 4 = 0.382538.
+    # The same at T = 2 with the logits doubled: no T^2 factor. w = 0.8 multiplies it.
+    total_by_hand = 0.5 * math.log(64 / 3)
+    loss = build_distill_loss(_cfg("soft_ce", weight=0.8, temperature=T, reduction=reduction), n_classes=2,
+                              feature_dim=4)
+    total, parts = loss(torch.tensor([[T * LN3, 0.0], [0.0, 0.0]]), torch.zeros(2, 2))
+    assert total.item() == pytest.approx(0.8 * total_by_hand / denom, rel=1e-6)
+    assert parts == {"soft_ce": pytest.approx(0.8 * total_by_hand / denom, rel=1e-6)}
+
+
+def test_soft_ce_is_the_teacher_entropy_at_equality_and_has_the_kl_gradient_over_t_squared():
+    loss = build_distill_loss(_cfg("soft_ce", temperature=2.0), n_classes=3, feature_dim=4)
+    z = torch.tensor(T_)
+    entropy = sum(-sum(p * math.log(p) for p in _softmax([v / 2.0 for v in row])) for row in T_) / 2
+    assert loss(z, z)[0].item() == pytest.approx(entropy, rel=1e-6) and entropy > 1.0
+    # = H(p_t) + KL(p_t || p_s), by hand on S, T_
+    cross = -sum(sum(pt * qs for pt, qs in zip(_softmax([v / 2 for v in zt]), _log_softmax([v / 2 for v in zs])))
+                 for zs, zt in zip(S, T_)) / 2
+    assert loss(torch.tensor(S), z)[0].item() == pytest.approx(cross, rel=1e-6)
+    assert cross == pytest.approx(_kl_by_hand(S, T_, 2.0) / 2 + entropy, rel=1e-9)
+    grads = {}
+    for name in ("soft_ce", "kl"):
+        z_s = torch.tensor(S, requires_grad=True)
+        build_distill_loss(_cfg(name, temperature=2.0), n_classes=3, feature_dim=4)(z_s, z)[0].backward()
+        grads[name] = z_s.grad
+    assert torch.allclose(grads["soft_ce"] * 4.0, grads["kl"], atol=1e-6)
+
+
 CENTRES = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
 
 
 def _dual(alpha=0.5, beta=1.0, **kw):
-    loss = build_distill_loss(_cfg("dual_head", dual_alpha=alpha, dual_beta=beta, **kw), n_classes=3, feature_dim=3)
+    loss = build_distill_loss(_cfg("dual_head", dual_head={"alpha": alpha, "beta": beta}, **kw), n_classes=3,
+                              feature_dim=3)
     loss.init_head(torch.tensor(CENTRES) * 2.0, scale=10.0)    # centres are normalised, so weight = 10 * identity
     return loss
 
@@ -311,7 +414,7 @@ def test_dual_head_parameters_state_and_gradients():
     other = build_distill_loss(_cfg("dual_head"), n_classes=3, feature_dim=5)
     other.load_state_dict(loss.state_dict())
     assert torch.equal(other.head.weight, loss.head.weight)
-    for name in ("kl", "nd", "sinkhorn", "binary_kl"):
+    for name in [n for n in LOSSES if n != "dual_head"]:
         plain = build_distill_loss(_cfg(name), n_classes=3, feature_dim=5)
         assert list(plain.parameters()) == [] and plain.state_dict() == {}
         z = torch.randn(2, 3)
@@ -320,7 +423,7 @@ def test_dual_head_parameters_state_and_gradients():
             plain.init_head(torch.randn(3, 5), 100.0)
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", LOSSES)
 def test_every_loss_gives_gradient_to_student_only_in_float32(name):
     f_s = torch.randn(5, 4, requires_grad=True)
     f_t = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
@@ -337,7 +440,7 @@ def test_every_loss_gives_gradient_to_student_only_in_float32(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", LOSSES)
 def test_every_loss_runs_on_cuda(name):
     dev = "cuda"
     loss = build_distill_loss(_cfg(name), n_classes=3, feature_dim=4).to(dev)
@@ -377,21 +480,89 @@ def test_shape_mismatches_are_errors():
 
 @pytest.mark.parametrize("key,value", [
     ("name", "dkd"), ("weight", -1.0), ("weight", "1"), ("reduction", "mean"), ("temperature", 0.0),
-    ("nd_weight", True), ("sinkhorn_weight", float("nan")), ("sinkhorn_epsilon", 0), ("sinkhorn_iters", 0),
-    ("sinkhorn_iters", 2.5), ("dual_alpha", 1.5), ("dual_beta", -2.0),
+    ("nd.weight", True), ("sinkhorn.weight", float("nan")), ("sinkhorn.epsilon", 0), ("sinkhorn.iters", 0),
+    ("sinkhorn.iters", 2.5), ("dual_head.alpha", 1.5), ("dual_head.alpha", -0.1), ("dual_head.beta", -2.0),
 ])
 def test_bad_value_names_the_key(key, value):
-    with pytest.raises(ValueError, match=rf"distill\.loss\.{key}: "):
-        build_distill_loss({**LOSS_DEFAULTS, key: value}, n_classes=3, feature_dim=4)
+    cfg = copy.deepcopy(LOSS_DEFAULTS)
+    block, _, field = key.rpartition(".")
+    (cfg[block] if block else cfg)[field] = value
+    with pytest.raises(ConfigError, match=rf"distill\.loss\.{re.escape(key)}: expected"):
+        build_distill_loss(cfg, n_classes=3, feature_dim=4)
 
 
-def test_unknown_or_missing_key_is_named():
-    with pytest.raises(ValueError, match=r"distill\.loss\.temprature: unknown key"):
+def test_unknown_block_key_or_missing_common_key_is_named():
+    with pytest.raises(ConfigError, match=r"distill\.loss\.temprature: unknown key"):
         build_distill_loss({**LOSS_DEFAULTS, "temprature": 2.0}, n_classes=3, feature_dim=4)
+    with pytest.raises(ConfigError, match=r"distill\.loss\.kl: unknown key"):   # kl has no settings of its own
+        build_distill_loss({**LOSS_DEFAULTS, "kl": {"weight": 2.0}}, n_classes=3, feature_dim=4)
+    with pytest.raises(ConfigError, match=r"distill\.loss\.sinkhorn\.eps: unknown key; allowed keys here: "
+                                          r"\['epsilon', 'iters', 'weight'\]"):
+        build_distill_loss(_cfg("sinkhorn", sinkhorn={"eps": 0.05}), n_classes=3, feature_dim=4)
+    with pytest.raises(ConfigError, match=r"distill\.loss\.nd_weight: unknown key"):     # the old flat shape
+        build_distill_loss({**LOSS_DEFAULTS, "nd_weight": 1.0}, n_classes=3, feature_dim=4)
+    with pytest.raises(ConfigError, match=r"distill\.loss\.nd: expected a mapping"):
+        build_distill_loss(_cfg("nd", nd=2.0), n_classes=3, feature_dim=4)
     cfg = dict(LOSS_DEFAULTS)
-    del cfg["sinkhorn_epsilon"]
-    with pytest.raises(ValueError, match=r"distill\.loss\.sinkhorn_epsilon: missing"):
+    del cfg["temperature"]                        # the common keys have no default: a KD weight needs its T
+    with pytest.raises(ConfigError, match=r"distill\.loss\.temperature: missing"):
         build_distill_loss(cfg, n_classes=3, feature_dim=4)
     with pytest.raises(ValueError, match="n_classes"):
         build_distill_loss(dict(LOSS_DEFAULTS), n_classes=0, feature_dim=4)
     assert isinstance(build_distill_loss(dict(LOSS_DEFAULTS), n_classes=3, feature_dim=4), DistillLoss)
+
+
+def test_every_problem_is_listed_at_once():
+    cfg = _cfg("sinkhorn", sinkhorn={"epsilon": -1.0}, dual_head={"alpha": 2.0})
+    with pytest.raises(ConfigError) as info:
+        build_distill_loss(cfg, n_classes=3, feature_dim=4)
+    assert "distill.loss.sinkhorn.epsilon: expected a number > 0.0, got -1.0" in str(info.value)
+    assert "distill.loss.dual_head.alpha: expected a number >= 0.0 and <= 1.0, got 2.0" in str(info.value)
+
+
+def test_blocks_are_optional_and_take_their_defaults():
+    bare = {"name": "kl", "weight": 1.0, "reduction": "batchmean", "temperature": 1.0}
+    loss = build_distill_loss(bare, n_classes=3, feature_dim=4)
+    assert loss.cfg == LOSS_DEFAULTS and bare == {"name": "kl", "weight": 1.0, "reduction": "batchmean",
+                                                  "temperature": 1.0}        # filled into a copy
+    partial = build_distill_loss({**bare, "name": "sinkhorn", "sinkhorn": {"epsilon": 0.05}},
+                                 n_classes=3, feature_dim=4)
+    assert partial.cfg["sinkhorn"] == {"epsilon": 0.05, "weight": 1.0, "iters": 20}
+    assert build_distill_loss({**bare, "name": "dual_head"}, n_classes=3, feature_dim=4).alpha == 0.5
+    # the shallow copies other tests and modules make ({**LOSS_DEFAULTS, ...}) never change LOSS_DEFAULTS
+    before = copy.deepcopy(LOSS_DEFAULTS)
+    build_distill_loss({**LOSS_DEFAULTS, "name": "sinkhorn"}, n_classes=3, feature_dim=4)
+    assert LOSS_DEFAULTS == before
+
+
+def test_params_files_validate_with_and_without_blocks():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert {k: params["distill"]["loss"][k] for k in LOSS_DEFAULTS} == LOSS_DEFAULTS   # params.yaml = defaults
+    for block in ("nd", "sinkhorn", "dual_head"):
+        del params["distill"]["loss"][block]
+    params["distill"]["loss"]["sinkhorn"] = {"iters": 5}
+    loss = validate_params(params)["distill"]["loss"]
+    assert loss == {**LOSS_DEFAULTS, "sinkhorn": {"iters": 5, "weight": 1.0, "epsilon": 0.1}}
+    params["distill"]["loss"]["dual_head"] = {"alpha": 1.5}
+    params["distill"]["loss"]["binary_kl_norm"] = {}
+    with pytest.raises(ConfigError) as info:
+        validate_params(params)
+    assert "distill.loss.dual_head.alpha: expected a number >= 0.0 and <= 1.0, got 1.5" in str(info.value)
+    assert "distill.loss.binary_kl_norm: unknown key" in str(info.value)
+
+
+def test_registry_entries_are_complete():
+    for name, cls in LOSSES.items():
+        assert issubclass(cls, DistillLoss) and cls.name == name
+        assert set(cls.required_inputs) <= {"f_s", "f_t", "class_centers"}
+        assert all(isinstance(f, Field) and f.has_default for f in cls.params.values())
+        assert name in loss_schema() if cls.params else name not in loss_schema()
+        loss = build_distill_loss(_cfg(name), n_classes=3, feature_dim=4)
+        assert type(loss) is cls and loss.required_inputs == cls.required_inputs
+
+
+def test_benchmark_configs_use_the_published_promptkd_kd_setting():
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert (base["distill"]["loss"]["weight"], base["distill"]["loss"]["reduction"]) == (1.0, "batchmean")
+    loss = benchmark_params(base, "office31")["distill"]["loss"]
+    assert (loss["weight"], loss["reduction"], loss["temperature"]) == (1000.0, "numel", 1.0)

@@ -1,4 +1,4 @@
-"""ND loss: regularise the student feature's norm and direction towards the teacher class centre.
+"""``nd``: KL + ``nd.weight`` * L_ND, which pulls the student feature's norm and direction to the teacher class centre.
 
 Follows Wang et al., "Improving Knowledge Distillation via Regularizing Feature Norm and Direction" (ECCV 2024),
 ``WangYZ1608/Knowledge-Distillation-via-ND: CIFAR/utils.py`` (``DirectNormLoss``):
@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+
+from pipeline.losses.distill_loss import DistillLoss
+from pipeline.schema import number
 
 
 def nd_loss(f_s: torch.Tensor, f_t: torch.Tensor, class_centers: torch.Tensor,
@@ -27,3 +30,13 @@ def nd_loss(f_s: torch.Tensor, f_t: torch.Tensor, class_centers: torch.Tensor,
     c = centers[labels]                                             # [B, D]
     max_norm = torch.maximum(s.norm(dim=-1), t.norm(dim=-1))
     return (1.0 - (s * c).sum(-1) / max_norm).mean()
+
+
+class ND(DistillLoss):
+    name = "nd"
+    params = {"weight": number(0.0, default=1.0)}   # lambda_ND, the ND paper's CIFAR value
+    required_inputs = ("f_s", "f_t", "class_centers")
+
+    def terms(self, z_s, z_t, *, f_s, f_t, class_centers) -> dict[str, torch.Tensor]:
+        return {"kl": self.kl_term(z_s, z_t),
+                "nd": float(self.cfg["nd"]["weight"]) * nd_loss(f_s, f_t, class_centers, z_t.argmax(dim=1))}
