@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(params["paths"]["distill"]) as tmp:
         def work(name, task, device):
             models = {role: load_model(spec, device=device) for role, spec in specs.items()}
-            job = TaskJob(name=name, task=task, params=params, models=models, device=device, artifacts=artifacts,
-                          checkpoint_path=artifacts.last_good(STAGE, name))
-            result = method.run(job)
             out = artifacts.writing(STAGE, tmp).student(name)
+            job = TaskJob(name=name, task=task, params=params, models=models, device=device, artifacts=artifacts,
+                          checkpoint_path=artifacts.last_good(STAGE, name), output=out)
+            result = method.run(job)
             vectors = result.class_vectors
             atomic_torch_save(out.checkpoint, {
                 "method": method.name, "state": result.state, "classes": job.classes, "logit_scale": job.logit_scale,
@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
             out.write_predictions(result.keys, result.predictions, result.extra_predictions)
             atomic_write_json(out.train_log, {
                 "method": method.name, "loss": d["loss"]["name"], "refine_knn": d["refine_knn"],
-                "trainable_params": result.trainable_params, **result.log_extra, "epochs": result.log})
+                "trainable_params": result.trainable_params, **result.log_extra,
+                "extra_predictions": result.extra_notes, "epochs": result.log})
             return result.log[-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))

@@ -18,7 +18,6 @@ from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir,
 
 STAGE = "evaluate"
 PROTOCOL = "transductive UDA: the student trains on all (unlabelled) target images and is tested on them"
-EXTRA_NOTE = "not in the paper: another inference rule of the same trained model, reported for comparison"
 
 
 def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) -> np.ndarray:
@@ -49,9 +48,10 @@ def main(argv: list[str] | None = None) -> None:
                 models["source_teacher"][side] = epoch_summary(y, np.load(cached.teacher_preds(side)), len(classes))
             y = labels_in_order(params, task["dataset"], task["target"], read_json(student.keys))
             models["student"] = {"target": epoch_summary(y, np.load(student.predictions), len(classes))}
-            extras = {f"student_{rule}": {"target": epoch_summary(y, preds, len(classes)), "note": EXTRA_NOTE}
+            log = read_json(student.train_log)
+            notes, method = log.get("extra_predictions", {}), log["method"]
+            extras = {rule: {"target": epoch_summary(y, preds, len(classes)), "note": notes.get(rule, "")}
                       for rule, preds in student.read_extra_predictions().items()}
-            method = read_json(student.train_log)["method"]
             result = {"task": name, **task, "classes": classes, "protocol": PROTOCOL, "method": method,
                       "models": models, "headline": headline_metric(params["data"]["datasets"][task["dataset"]])}
             if extras:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.artifacts import Artifacts, TaskFeatures
+from pipeline.artifacts import Artifacts, StudentOutput, TaskFeatures
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import read_labels
 from pipeline.models.factory import LoadedModel
@@ -48,8 +48,8 @@ class MethodResult:
     ``predictions`` [E, N]: target predictions per epoch in ``keys`` order; ``state``: only what training
     changed (saved in the student checkpoint); ``class_vectors``: the text class vectors inference uses, if
     the method changed them (else None); ``checkpoint``: further entries of the student checkpoint;
-    ``extra_predictions``: per-epoch predictions of other inference rules (scored and labelled by the
-    evaluate stage); ``log_extra``: further entries of train_log.json.
+    ``extra_predictions``: per-epoch predictions of other inference rules, ``extra_notes`` what each is (both
+    scored and shown by the evaluate stage); ``log_extra``: further entries of train_log.json.
     """
 
     keys: list[str]
@@ -60,6 +60,7 @@ class MethodResult:
     class_vectors: np.ndarray | None = None
     checkpoint: dict[str, Any] = dataclasses.field(default_factory=dict)
     extra_predictions: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    extra_notes: dict[str, str] = dataclasses.field(default_factory=dict)  # what each extra rule is (evaluate shows it)
     log_extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -74,6 +75,7 @@ class TaskJob:
     device: str
     artifacts: Artifacts
     checkpoint_path: Path | None = None
+    output: StudentOutput | None = None  # the task's output folder (being written), for method-specific files
 
     # -- settings ----------------------------------------------------------------------------------------
     @property

@@ -9,13 +9,23 @@ and the code differ, the code is followed (noted at each place). :func:`cmkd_los
 """
 from __future__ import annotations
 
+import copy
 import math
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.methods.training import update
+from pipeline.data.shards import image_loader
+from pipeline.data.transforms import TRAIN_TRANSFORMS, strong_transform, train_transform
+from pipeline.methods import param_counts
+from pipeline.methods.base import Method, MethodResult, TaskJob
+from pipeline.methods.shared import endless_batches
+from pipeline.methods.training import Prediction, Step, fit, seeded, update
+from pipeline.models.residual import RstProjection, dsp_counts, frozen_copy, save_residual
+from pipeline.schema import Block, boolean, integer, number, template, text
 
 # The Office-Home yaml of the original (reported setting). cmkd_step requires every key; nothing is filled in.
 DEFAULT_CFG = {"lambda1": 0.25, "lambda2": 0.1, "lambda3": 0.025, "label_smoothing": 0.1, "lambda_max_iter": 10000,
@@ -226,3 +236,150 @@ def cmkd_step(model: CmkdModel, optimizer: torch.optim.Optimizer, scheduler, *, 
     if scheduler is not None:
         scheduler.step()
     return logged
+
+
+# --------------------------------------------------------------------------------- the method in the pipeline
+
+PARAMS = Block({  # the original's Office-Home ViT-B/16 yaml (the reported setting); per-benchmark values in configs/
+    "template": template(default="a photo of a {}."),  # one prompt per class for W (Office-Home: "an image of a {}.")
+    "lr": number(0.0, exclusive_min=True, default=3e-6),  # visual tower; ResNets: 3e-7
+    "head_lr_multiplier": number(0.0, exclusive_min=True, default=1000.0),  # head lr = lr x this (ResNets: 10000)
+    "momentum": number(0.0, default=0.9),     # SGD, Nesterov
+    "weight_decay": number(0.0, default=5e-4),
+    "batch_size": integer(2, default=32),     # per domain (source and target); the original's digits: 64
+    "epochs": integer(1, default=20),         # an epoch is iters_per_epoch iterations, then an evaluation
+    "iters_per_epoch": integer(1, default=500),
+    "lambda1": number(0.0, default=0.25),     # task + distillation Gini terms (DomainNet: 0.025)
+    "lambda2": number(0.0, default=0.1),      # regulariser: CE of g on the source
+    "lambda3": number(0.0, default=0.025),    # regulariser: Gini of g on the target (DomainNet: 0.0025)
+    "label_smoothing": number(0.0, maximum=1.0, default=0.1),
+    "lambda_max_iter": integer(1, default=10000),  # lambda(t) stops growing here (0.462), whatever the run length
+    "augment": text(TRAIN_TRANSFORMS, default="cmkd"),  # train view: cmkd (Resize 256 -> RandomCrop -> flip), VisDA: cmkd_visda
+    "fixmatch": Block({"enabled": boolean(default=False), "threshold": number(0.0, maximum=1.0, default=0.95),
+                       "weight": number(0.0, default=0.5)}),  # VisDA 0.80 / 2.0, DomainNet 0.95 / 0.1 (appendix B)
+    "rst": Block({"enabled": boolean(default=False),
+                  "threshold": number(0.0, default=1e-6)}),  # tau: reported rows 1e-6 (VisDA ViT 1e-7); code 1e-5
+})
+
+ZEROSHOT_NOTE = "zero-shot CLIP head g with the pretrained encoder (the paper's CLIP rows)"
+EXTRA_NOTES = {"clip_zeroshot": ZEROSHOT_NOTE,
+               "clip_adapted": "not in the paper: CLIP head g with the adapted encoder",
+               "head_plus_clip": "not in the paper: mean of the task head's and g's probabilities"}
+
+
+def make_model(clip: nn.Module, tokenizer, classnames: list[str], block: dict) -> CmkdModel:
+    return CmkdModel(clip, tokenizer, classnames, template=block["template"])
+
+
+def _loop_cfg(block: dict) -> dict:
+    return {k: block[k] for k in ("lambda1", "lambda2", "lambda3", "label_smoothing", "lambda_max_iter", "fixmatch")}
+
+
+@torch.no_grad()
+def _predict(model: CmkdModel, shard_dir, *, transform, batch_size: int, device: str, num_workers: int
+             ) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Keys and the arg-max of h, g and their probability mean over every target image (shard order, no labels)."""
+    model.eval()
+    keys, preds = [], {"head": [], "clip": [], "head_plus_clip": []}
+    for batch_keys, images in image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
+                                           with_labels=False, num_workers=num_workers):
+        f = model.features(images.to(device))
+        h, g = model.head_logits(f), model.clip_logits(f)
+        keys.extend(batch_keys)
+        preds["head"].append(h.argmax(1).cpu())
+        preds["clip"].append(g.argmax(1).cpu())
+        preds["head_plus_clip"].append((F.softmax(h, 1) + F.softmax(g, 1)).argmax(1).cpu())
+    return keys, {k: torch.cat(v).numpy() for k, v in preds.items()}
+
+
+def run(job: TaskJob) -> MethodResult:
+    block, device, student = job.block, job.device, job.models["student"]
+    with seeded(job.seed, deterministic=job.deterministic):  # the head's initial weights
+        model = make_model(copy.deepcopy(student.model), student.tokenizer, job.classnames, block).to(device)
+    optimizer, scheduler = cmkd_optimizer(model, lr=block["lr"], head_multiplier=block["head_lr_multiplier"],
+                                          momentum=block["momentum"], weight_decay=block["weight_decay"])
+    base = frozen_copy(model.visual, device=device)  # theta0: RST, the residual and the DSP count
+    rst = RstProjection(base, block["rst"]["threshold"]) if block["rst"]["enabled"] else None
+    cfg, fixmatch = _loop_cfg(block), block["fixmatch"]["enabled"]
+    weak = train_transform(block["augment"], student.identity["preprocess"])
+    views = (weak, strong_transform(student.identity["preprocess"], visda=block["augment"] == "cmkd_visda")) \
+        if fixmatch else (weak,)
+    bs, workers = block["batch_size"], job.num_workers
+    sources = endless_batches(job.shard_dir("source"), batch_size=bs, seed=job.seed, with_labels=True,
+                              num_workers=workers, min_size=bs, views=(weak,))
+    targets = endless_batches(job.shard_dir("target"), batch_size=bs, seed=job.seed + 7919, with_labels=False,
+                              num_workers=workers, min_size=bs, views=views)
+
+    def batches(_epoch: int):
+        for _ in range(block["iters_per_epoch"]):
+            yield next(sources), next(targets)
+
+    def step(batch, it):
+        (_, x_s, y_s), (_, x_t) = batch
+        weak_t, strong_t = x_t if fixmatch else (x_t, None)
+        return cmkd_loss(model, source_images=x_s.to(device), source_labels=y_s.to(device),
+                         target_weak=weak_t.to(device), target_strong=None if strong_t is None else strong_t.to(device),
+                         t=it.t, cfg=cfg)
+
+    predict_args = dict(transform=student.preprocess, batch_size=job.eval_batch_size, device=device,
+                        num_workers=workers)
+    _, zero_shot = _predict(model, job.shard_dir("target"), **predict_args)  # before any update: the CLIP rows
+
+    def predict() -> Prediction:
+        keys, preds = _predict(model, job.shard_dir("target"), **predict_args)
+        return Prediction(keys, preds["head"], {"clip_adapted": preds["clip"],
+                                                "head_plus_clip": preds["head_plus_clip"]})
+
+    def state() -> dict:
+        return {"head": _cpu(model.head.state_dict()), "visual": _cpu(model.visual.state_dict())}
+
+    out = fit(steps=[Step("cmkd", step, optimizer, scheduler, per="iteration",
+                          after=None if rst is None else lambda: rst(model.visual))],
+              epochs=block["epochs"], batches=batches, predict=predict, state=state, train_mode=model.train,
+              **job.fit_settings("cmkd"))
+    trained, head = _cpu(dict(model.visual.named_parameters())), _cpu(model.head.state_dict())
+    base_cpu, dim = _cpu(base), model.text_vectors.shape[1]
+    saved: dict = {"head": head}
+    residual = None
+    if rst is not None:  # only the sparse residual is kept; the dense tower is the base + residual
+        residual = job.output.dir / "residual.safetensors" if job.output is not None else None
+        if residual is not None:
+            save_residual(residual, trained=trained, base=base_cpu, identity=student.identity)
+    else:
+        saved["visual"] = _cpu(model.visual.state_dict())
+    dsp = dsp_counts(trained, base_cpu, head, n_classes=len(job.classes), dim=dim, path=residual)
+    extra = {**out["extra"], "clip_zeroshot": zero_shot["clip"][None]}
+    return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=saved,
+                        trainable_params=sum(p.numel() for p in model.trainable_parameters()),
+                        class_vectors=model.text_vectors.cpu().numpy(), extra_predictions=extra,
+                        extra_notes=EXTRA_NOTES, checkpoint={"rst": block["rst"], "template": block["template"]},
+                        log_extra={"dsp": dsp, "residual_file": residual.name if residual else None})
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:
+    name, block = params["model"]["student"]["name"], params["distill"]["cmkd"]
+    clip = param_counts.meta_model(name)
+    with torch.device("meta"):
+        model = make_model(clip, param_counts.meta_tokenizer(name), param_counts.CLASS_NAMES * n_classes, block)
+    visual = sum(p.numel() for p in model.visual.parameters() if p.requires_grad)
+    head = sum(p.numel() for p in model.head.parameters() if p.requires_grad)
+    dim = model.text_vectors.shape[1]
+    rows = [{"part": "visual tower (full fp32 fine-tune)", "model": name, "trainable": visual, "stored": visual},
+            {"part": "task head (BN -> LN -> Linear)", "model": name, "trainable": head,
+             "stored": sum(v.numel() for v in model.head.state_dict().values())}]
+    if block["rst"]["enabled"]:
+        rows[0] = {**rows[0], "part": f"visual tower, RST tau={block['rst']['threshold']:g} (stored: residual only)",
+                   "stored": 0}
+        rows.append({"part": f"RST budget: DSP = changed weights + {dim * n_classes:,} (paper) or "
+                             f"+ {dim * n_classes + 4 * dim:,} (code); 8 bytes per changed weight",
+                     "model": name, "trainable": 0, "stored": 0})
+    return rows
+
+
+METHOD = Method(name="cmkd", summary="fine-tune the student's visual tower with a task head distilled from its own "
+                "CLIP head (CMKD; optional FixMatch and RST)", params=PARAMS, roles=("student",), run=run,
+                parameter_counts=parameter_counts)

@@ -29,7 +29,7 @@ from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np, zero_shot_vectors
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
-from pipeline.methods.shared import KeyedRows, train_views
+from pipeline.methods.shared import KeyedRows, endless_batches, train_views
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptTokens, own_parameters, own_state
@@ -159,14 +159,8 @@ def _augmented_batches(model: LoadedModel, *, naive: KeyedRows, source_dir, targ
         with torch.no_grad(), autocast(model.spec.precision, device):
             return F.normalize(model.model.encode_image(images.to(device)).float(), dim=-1)
 
-    def targets():
-        epoch = 0
-        while True:  # endless; each pass re-shuffles (epoch = number of source batches, as above)
-            epoch += 1
-            yield from image_loader(target_dir, batch_size=batch_size, shuffle=True, seed=seed + 7919, epoch=epoch,
-                                    with_labels=False, num_workers=num_workers, **views)
-
-    target_iter = targets()
+    target_iter = endless_batches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
+                                  num_workers=num_workers, **views)  # an epoch is one pass over the source
 
     def batches(epoch: int):
         for _, images, labels in image_loader(source_dir, batch_size=batch_size, shuffle=True, seed=seed,

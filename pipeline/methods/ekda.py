@@ -17,7 +17,7 @@ teacher's final text class vectors.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.refine import KnnRefiner
 from pipeline.methods.shared import (KeyedRows, build_student, build_teacher, loss_state, make_student,
-                                     predict_student, train_views)
+                                     endless_batches, predict_student, train_views)
 from pipeline.methods.source_prompts import teacher_step_loss
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
@@ -60,18 +60,6 @@ def teacher_config(ekda: dict[str, Any]) -> dict[str, Any]:
     """EKDA's teacher: shared text context and shallow visual prompts after the class token."""
     return {"template": ekda["template"], "n_ctx": ekda["n_ctx"], "init": ekda["init"], "class_specific": False,
             "visual_tokens": ekda["visual_tokens"], "visual_location": "middle"}
-
-
-def _target_batches(shard_dir: Path, *, views: dict[str, Any], batch_size: int, seed: int,
-                    num_workers: int) -> Iterator:
-    """Endless shuffled target batches (no labels); each pass re-shuffles with a new epoch seed."""
-    epoch = 0
-    while True:
-        epoch += 1
-        for keys, images in image_loader(shard_dir, batch_size=batch_size, shuffle=True, seed=seed + 7919,
-                                         epoch=epoch, with_labels=False, num_workers=num_workers, **views):
-            if len(keys) >= 2:  # BatchNorm in the projector needs two samples
-                yield keys, images
 
 
 def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classnames: list[str],
@@ -105,8 +93,9 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                                      epochs=epochs)
     opt_s, sched_s = sgd_with_cosine(s_params, lr=lr, momentum=momentum, weight_decay=weight_decay, epochs=epochs)
     weights = {k: ekda[k] for k in ("text_weight", "image_weight", "kl_weight")}
-    targets = _target_batches(target_dir, views=train_views(student_model, augment), batch_size=batch_size,
-                              seed=seed, num_workers=num_workers)
+    targets = endless_batches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
+                              num_workers=num_workers, min_size=2,  # BatchNorm in the projector needs two samples
+                              **train_views(student_model, augment))
 
     def batches(epoch: int):
         for source in image_loader(source_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,

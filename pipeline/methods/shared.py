@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.shards import image_loader
 from pipeline.data.transforms import train_transform
 from pipeline.features.cache import encode_shards
 from pipeline.models.factory import LoadedModel
@@ -88,6 +89,19 @@ def train_views(model: LoadedModel, augment: str) -> dict[str, Any]:
     if augment == "none":
         return {"transform": model.preprocess}
     return {"views": (train_transform(augment, model.identity["preprocess"]),)}
+
+
+def endless_batches(shard_dir: Path, *, batch_size: int, seed: int, with_labels: bool, num_workers: int,
+                    min_size: int = 1, **views: Any):
+    """Shuffled batches forever, re-shuffled with a new pass seed each pass (the originals' infinite loaders);
+    batches smaller than ``min_size`` are dropped (``min_size = batch_size`` is ``drop_last``)."""
+    epoch = 0
+    while True:
+        epoch += 1
+        for batch in image_loader(shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                  with_labels=with_labels, num_workers=num_workers, **views):
+            if len(batch[0]) >= min_size:
+                yield batch
 
 
 def loss_state(loss: nn.Module) -> dict[str, torch.Tensor]:
