@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                       "models": models, "headline": headline_metric(params["data"]["datasets"][task["dataset"]])}
             if extras:
                 result["extras"] = extras
+            result["parameters"] = {"trainable": log["trainable_params"], **log.get("dsp", {})}
             atomic_write_json(artifacts.writing(STAGE, tmp).evaluation(name).metrics, result)
             return models["student"]["target"]["last"]["acc"]
 

@@ -5,7 +5,9 @@ Input is one ``results/evaluate/<task>/metrics.json`` per task::
     {"task", "dataset", "source", "target", "classes", "protocol", "headline" (optional: acc | mean_class_acc),
      "models": {"zeroshot_teacher": {"target": METRICS, "source": METRICS},
                 "source_teacher":   {"target": EPOCH_SUMMARY, "source": EPOCH_SUMMARY},
-                "student":          {"target": EPOCH_SUMMARY}}}
+                "student":          {"target": EPOCH_SUMMARY}},
+     "extras" (optional): {rule: {"target": EPOCH_SUMMARY, "note"}},   other inference rules of the student
+     "parameters" (optional): {"trainable", and for CMKD "changed", "dsp_paper", "dsp_code", "bytes" ...}}
 
 where METRICS comes from ``metrics.classification_metrics`` and EPOCH_SUMMARY from ``metrics.epoch_summary``.
 For EPOCH_SUMMARY models the headline numbers are the LAST epoch; the best epoch is picked with target labels
@@ -107,10 +109,23 @@ def _results(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for model, (_, epochs) in MODELS.items():
         keys = ("acc", "mean_class_acc") + (("best_acc", "best_mean_class_acc") if epochs else ())
         mean[model] = {"target": {k: _r(np.mean([tasks[t][model]["target"][k] for t in tasks])) for k in keys}}
+    for task, m in task_metrics.items():
+        if m.get("extras"):
+            tasks[task]["extras"] = {rule: _split_entry(e["target"], True) for rule, e in m["extras"].items()}
+        if m.get("parameters"):
+            tasks[task]["parameters"] = {k: int(v) for k, v in m["parameters"].items()}
+    extra_rules = sorted({rule for t in tasks.values() for rule in t.get("extras", {})})
+    for rule in extra_rules:
+        rows = [t["extras"][rule] for t in tasks.values() if rule in t.get("extras", {})]
+        mean[f"extra:{rule}"] = {"target": {k: _r(np.mean([r[k] for r in rows])) for k in ("acc", "mean_class_acc")}}
+    counted = [t["parameters"] for t in tasks.values() if "parameters" in t]
+    # CMKD reports downstream parameters summed over a benchmark's tasks (its DSP); so is every count here
+    totals = {k: sum(p[k] for p in counted) for k in sorted(set.intersection(*map(set, counted)))} if counted else {}
     methods = sorted({str(m["method"]) for m in task_metrics.values() if "method" in m})
     # Both metrics are always recorded; the headline says which one a benchmark reports (VisDA: mean-class).
     headline = {task: m.get("headline", "acc") for task, m in task_metrics.items()}
     return {"tasks": tasks, "mean": mean, "headline_metric": headline,
+            **({"parameters_total": totals} if totals else {}),
             **({"method": ", ".join(methods)} if methods else {})}
 
 
@@ -139,10 +154,41 @@ def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any]) 
     if methods:
         lines += ["", f"Adaptation method (`distill.method`): {', '.join(methods)}. The student columns are the "
                       "adapted model (for dapl: the teacher CLIP with its learned domain prompts)."]
+    lines += _extras_markdown(task_metrics, results)
     protocols = sorted({str(m["protocol"]) for m in task_metrics.values() if "protocol" in m})
     if protocols:
         lines += ["", "Protocol: " + "; ".join(protocols)]
     return "\n".join(lines) + "\n"
+
+
+def _extras_markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any]) -> list[str]:
+    """Other inference rules of the student and the parameter counts, when the method reports them."""
+    lines = []
+    rules = sorted({rule for t in results["tasks"].values() for rule in t.get("extras", {})})
+    if rules:
+        notes = {rule: m["extras"][rule]["note"] for m in task_metrics.values() for rule in m.get("extras", {})}
+        lines += ["", "## Other inference rules of the adapted model (target accuracy / mean-class, last epoch)", "",
+                  "| task | " + " | ".join(rules) + " |", "|---|" + "---:|" * len(rules)]
+        for task, t in results["tasks"].items():
+            cells = [f"{t['extras'][r]['acc']:.2f} / {t['extras'][r]['mean_class_acc']:.2f}" if r in t.get("extras", {})
+                     else "" for r in rules]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        means = [results["mean"][f"extra:{r}"]["target"] for r in rules]
+        lines.append("| **mean** | " + " | ".join(f"{m['acc']:.2f} / {m['mean_class_acc']:.2f}" for m in means) + " |")
+        lines += [""] + [f"- `{rule}`: {notes[rule]}" for rule in rules]
+    totals = results.get("parameters_total")
+    if totals:
+        keys = list(totals)
+        lines += ["", "## Parameters per task (summed over the benchmark in the last row)", "",
+                  "| task | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for task, t in results["tasks"].items():
+            lines.append(f"| {task} | " + " | ".join(f"{t['parameters'].get(k, 0):,}" for k in keys) + " |")
+        lines.append("| **sum** | " + " | ".join(f"{totals[k]:,}" for k in keys) + " |")
+        if "dsp_paper" in totals:
+            lines += ["", "DSP (downstream parameters, CMKD): changed visual weights plus the head; `dsp_paper` counts "
+                          "the head as one d x C layer, `dsp_code` as the original code does (+ BN and LN, 4d); "
+                          "`bytes` is the residual file (RST) on disk."]
+    return lines
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> str:
