@@ -183,3 +183,28 @@ def test_dapl_refined_logits_helper_is_a_softmax(cached, teacher):
     z = logits(feats, cached["zs"], teacher.logit_scale) / 2.0
     ref = np.exp(z - z.max(1, keepdims=True))
     assert np.allclose(p, ref / ref.sum(1, keepdims=True), atol=1e-6)
+
+
+def test_every_method_trains_on_seeded_train_views(teacher, student, digits_shards, cached, tmp_path):
+    """augment: dassl (random resized crop + flip) for EKDA, DAPL and CoOp: repeatable, and not the eval view."""
+    target = copy_without_labels(digits_shards["mnist"], tmp_path / "mnist")  # augmentation must not read labels
+    runs = {}
+    for augment in ("dassl", "dassl", "none"):
+        ekda = _ekda(teacher, student, digits_shards, target, cached, tmp_path, epochs=1, augment=augment)
+        dapl = _dapl(teacher, digits_shards, cached, epochs=1, augmented=None if augment == "none" else {
+            "source_dir": digits_shards["usps"], "target_dir": target, "augment": augment, "num_workers": 0})
+        runs.setdefault(augment, []).append((ekda, dapl))
+    (e1, d1), (e2, d2) = runs["dassl"]
+    (e0, d0), = runs["none"]
+    assert np.array_equal(e1.predictions, e2.predictions) and np.array_equal(d1.predictions, d2.predictions)
+    assert torch.equal(e1.state["student"]["encoder.prompts"], e2.state["student"]["encoder.prompts"])
+    assert not torch.equal(e1.state["student"]["encoder.prompts"], e0.state["student"]["encoder.prompts"])
+    assert not torch.equal(d1.state["prompts"]["ctx"], d0.state["prompts"]["ctx"])
+    assert d1.log[0]["iterations"] == d0.log[0]["iterations"] == 4  # an epoch is one pass over the source
+    config = dict(template=TEMPLATE, n_ctx=2, init="word", class_specific=False, visual_tokens=0,
+                  visual_location="middle", text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=0.0,
+                  gpa_std=1.0)
+    coop = [train_source_prompts(teacher_model=teacher, classnames=NAMES, shard_dir=digits_shards["usps"],
+                                 config={**config, "augment": a}, zs_text=None, epochs=1, batch_size=16, lr=0.5,
+                                 momentum=0.9, weight_decay=0.0, seed=0, device="cpu") for a in ("dassl", "none")]
+    assert not torch.equal(coop[0]["reported"]["text.ctx"], coop[1]["reported"]["text.ctx"])

@@ -100,3 +100,16 @@ def test_student_trains_under_autocast_precision_and_records_it(digits_shards, p
                            weight_decay=0.0, n_tokens=2, location="middle", depth=0, seed=0, device="cpu")
     assert np.isfinite(out.log[0]["loss"]) and out.predictions.shape == (1, 60)
     assert out.state["student"]["encoder.prompts"].shape == (2, 2, 32)  # depth 0: every layer (2 here)
+
+
+def test_promptkd_student_trains_on_seeded_train_views(student, digits_shards):
+    shard_keys, _ = read_labels(digits_shards["mnist"])
+    z_t = np.random.default_rng(0).normal(size=(60, 10)).astype(np.float32) * 5
+    args = dict(student_model=student, class_vectors=np.eye(10, 64, dtype=np.float32), logit_scale=20.0,
+                teacher_logits=KeyedRows(shard_keys, z_t), teacher_features=None,
+                loss=build_distill_loss(LOSS_DEFAULTS, n_classes=10, feature_dim=64), shard_dir=digits_shards["mnist"],
+                epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.0, n_tokens=2, location="append",
+                depth=1, seed=0, device="cpu")
+    a, b, plain = (distill_promptkd(**args, augment=x) for x in ("dassl", "dassl", "none"))
+    prompts = lambda r: r.state["student"]["encoder.prompts"]  # noqa: E731
+    assert torch.equal(prompts(a), prompts(b)) and not torch.equal(prompts(a), prompts(plain))

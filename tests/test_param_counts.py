@@ -60,3 +60,14 @@ def test_info_command_prints_the_table(capsys):
         main(["info", "-S", "distill.ekda.n_tokens"])
     with pytest.raises(Exception, match="distill.ekda.n_tokens: expected an integer"):
         main(["info", "-S", "distill.ekda.n_tokens=many"])
+
+
+def test_cmkd_trains_the_whole_visual_tower_and_the_head(base, capsys):
+    p = copy.deepcopy(base)
+    p["distill"]["method"], p["model"]["student"]["name"] = "cmkd", "ViT-B-16"
+    rows = method_parameter_counts(p, n_classes=65)
+    assert sum(r["trainable"] for r in rows) == 86_227_456  # 86,192,640 visual + 35,328 head - 512 frozen BN bias
+    assert main(["info", "--method", "cmkd", "--student", "ViT-B-16", "--classes", "65",
+                 "-S", "distill.cmkd.rst.enabled=true"]) == 0
+    out = capsys.readouterr().out
+    assert "86,227,456" in out and "RST" in out and "33,280 (paper)" in out and "35,328 (code)" in out

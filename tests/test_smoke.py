@@ -105,6 +105,29 @@ def test_every_method_runs_through_dvc(smoke, method, extra):
     assert log["method"] == method and len(log["epochs"]) == 2
 
 
+@pytest.mark.parametrize("variant", ["plain", "fixmatch", "rst"])
+def test_cmkd_variants_run_through_dvc(smoke, variant):
+    """CMKD, CMKD + FixMatch and CMKD + RST: the stand-in student's visual tower fine-tuned (3 x 40 iterations)."""
+    workdir, _ = smoke
+    extra = {"plain": [], "fixmatch": ["-S", "distill.cmkd.fixmatch.enabled=true"],
+             "rst": ["-S", "distill.cmkd.rst.enabled=true"]}[variant]
+    out = dvc(["exp", "run", "-S", "distill.method=cmkd", *extra], workdir=workdir)
+    assert _stages_run(out) == ["distill", "evaluate", "report"]
+    results = json.loads((workdir / "results" / "report" / "results.json").read_text())
+    assert results["method"] == "cmkd"
+    assert results["mean"]["student"]["target"]["acc"] > CHANCE + 20
+    assert results["mean"]["extra:clip_zeroshot"]["target"]["acc"] > CHANCE + 20  # the paper's CLIP rows
+    students = workdir / "models" / "students" / "usps_to_mnist"
+    log = json.loads((students / "train_log.json").read_text())
+    assert len(log["epochs"]) == 3 and all(e["iterations"] == 40 for e in log["epochs"])
+    assert ("fm_h" in log["epochs"][0]) == (variant == "fixmatch")
+    total = results["parameters_total"]
+    assert total["dsp_paper"] == total["changed"] + 2 * 10 * 32  # d x C per task, 2 tasks (student embed_dim 32)
+    assert (students / "residual.safetensors").is_file() == (variant == "rst")
+    if variant == "rst":
+        assert 0 < log["dsp"]["changed"] < log["trainable_params"] and total["bytes"] > 0
+
+
 def test_source_prompt_variants_run_through_dvc(smoke):
     """Visual prompts + SCL + GPA re-run the prompts stage and everything after it; ND loss, kNN refinement."""
     workdir, _ = smoke
