@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import pipeline  # noqa: F401  (torchvision guard)
 import torch
 from safetensors.torch import save_file
 
+from bench.timing import median_times
 from pipeline.methods.cmkd import DEFAULT_CFG, CmkdModel, cmkd_optimizer, cmkd_step
 from pipeline.models.factory import ModelSpec, load_model
 from pipeline.models.residual import RstProjection, dsp_counts, frozen_copy, save_residual
@@ -64,26 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = {"plain": (False, False), "fixmatch": (True, False), "rst": (False, True), "fixmatch_rst": (True, True)}
     runs = {name: build() for name in variants}  # one model each: every variant steps its own counter
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    peak: dict[str, float] = {}
-    for name, (fm, rst) in variants.items():  # warm-up, and peak memory per variant
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        iteration(runs[name], fm, rst)
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-            peak[name] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
-    for _ in range(args.repeats):
-        for name, (fm, rst) in variants.items():
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            iteration(runs[name], fm, rst)
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, peak = median_times({name: (lambda n=name, f=fm, r=rst: iteration(runs[n], f, r))
+                              for name, (fm, rst) in variants.items()}, repeats=args.repeats, device=dev)
 
     run = build()  # the residual after --rst-iters RST iterations vs the dense tower
     for _ in range(args.rst_iters):

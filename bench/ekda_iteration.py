@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import pipeline  # noqa: F401  (torchvision guard)
 import torch
 from torch.nn import functional as F
 
+from bench.timing import median_times
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
 from pipeline.methods.ekda import student_loss, teacher_loss
 from pipeline.methods.training import update
@@ -85,26 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = {"teacher_step": run_teacher, "student_step": run_student,
                 "ekda_iteration": lambda: (run_teacher(), run_student()), "two_stage_step": run_two_stage}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    peak: dict[str, float] = {}
-    for name, fn in variants.items():  # warm-up, and peak memory per variant
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        fn()
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-            peak[name] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 3)
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med, peak = median_times(variants, repeats=args.repeats, device=dev)
     result = {"teacher": args.teacher, "student": args.student, "batch_size": args.batch_size,
               "classes": args.classes, "tokens": args.tokens, "precision": args.precision, "device": dev,
               "repeats": args.repeats, **{f"{k}_s": round(v, 4) for k, v in med.items()},
