@@ -13,19 +13,17 @@ visual prompts make every step encode its images.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from pipeline.data.shards import image_loader
 from pipeline.features.cache import encode_shards
 from pipeline.losses.kd import kl_divergence
 from pipeline.methods.shared import build_teacher, train_views
-from pipeline.methods.training import check_finite, seeded, sgd_with_cosine
+from pipeline.methods.training import Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 
 def teacher_step_loss(logits: torch.Tensor, labels: torch.Tensor, *, text: torch.Tensor, image: torch.Tensor,
@@ -109,49 +107,45 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
     weights = {k: config[k] for k in ("text_weight", "image_weight", "kl_weight")}
-    states, log, n_source = [], [], 0
-    for epoch in tqdm(range(1, epochs + 1), desc="prompt epochs", unit="epoch"):
-        teacher.train()
-        model.eval()
-        start, total, correct, seen = time.perf_counter(), 0.0, 0, 0
+    states, seen = [], {}  # seen: labelled images per epoch
+
+    def batches(epoch: int):
         if cached:
-            batches = _cached_batches(feats, labels, batch_size, generator)
-        else:
-            batches = ((images, None, y) for _, images, y in image_loader(
-                shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch, with_labels=True,
-                num_workers=num_workers, **train_views(teacher_model, augment)))
-        for images, image_feats, y in batches:
-            y = y.to(device)
-            with autocast(precision, device):
-                text = teacher.class_vectors()
-                if visual:
-                    images = images.to(device)
-                    image_feats = teacher.image_features(images)
-                    zs_image = None
-                    if weights["image_weight"] or weights["kl_weight"]:
-                        with torch.no_grad():
-                            zs_image = F.normalize(model.encode_image(images).float(), dim=-1)
-                else:
-                    if images is not None:  # a train view through the frozen image encoder
-                        with torch.no_grad():
-                            image_feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
-                    zs_image = image_feats
-                logits = scale * image_feats.float() @ text.float().t()
-            loss, _ = teacher_step_loss(logits, y, text=text, image=image_feats, zs_text=zs_text, zs_image=zs_image,
-                                        scale=scale, **weights)
-            check_finite(loss, where=f"prompts epoch {epoch}", checkpoint=None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        n_source = seen
-        lr_used = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        states.append(teacher.trainable_state())
-        log.append({"epoch": epoch, "loss": total / seen, "source_train_acc": 100.0 * correct / seen,
-                    "lr": lr_used, "seconds": time.perf_counter() - start})
+            return _cached_batches(feats, labels, batch_size, generator)
+        return ((images, None, y) for _, images, y in image_loader(
+            shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch, with_labels=True,
+            num_workers=num_workers, **train_views(teacher_model, augment)))
+
+    def step(batch, it):
+        images, image_feats, y = batch
+        y = y.to(device)
+        with autocast(precision, device):
+            text = teacher.class_vectors()
+            if visual:
+                images = images.to(device)
+                image_feats = teacher.image_features(images)
+                zs_image = None
+                if weights["image_weight"] or weights["kl_weight"]:
+                    with torch.no_grad():
+                        zs_image = F.normalize(model.encode_image(images).float(), dim=-1)
+            else:
+                if images is not None:  # a train view through the frozen image encoder
+                    with torch.no_grad():
+                        image_feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
+                zs_image = image_feats
+            logits = scale * image_feats.float() @ text.float().t()
+        loss, _ = teacher_step_loss(logits, y, text=text, image=image_feats, zs_text=zs_text, zs_image=zs_image,
+                                    scale=scale, **weights)
+        seen[it.epoch] = seen.get(it.epoch, 0) + len(y)
+        return loss, {"loss": loss.item(), "source_train_acc": (logits.argmax(1) == y).float().mean().item() * 100}
+
+    def train_mode() -> None:
+        teacher.train()
+        model.eval()  # frozen CLIP: its dropout/norm layers stay in eval mode
+
+    out = fit(where="prompts", epochs=epochs, batches=batches, steps=[Step("prompts", step, optimizer, scheduler)],
+              predict=None, train_mode=train_mode, epoch_end=lambda _: states.append(teacher.trainable_state()))
+    log, n_source = out["log"], seen[epochs]
     gpa = config["gpa_mean"] > 0
     reported = (aggregate_states(states, gaussian_weights(epochs, config["gpa_mean"], config["gpa_std"]))
                 if gpa else states[-1])

@@ -151,17 +151,21 @@ def update(optimizer: torch.optim.Optimizer, value: torch.Tensor, *, where: str,
 
 
 def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: list[Step],
-        predict: Callable[[], Prediction], state: Callable[[], dict], n_classes: int, collapse_fraction: float,
-        checkpoint_path=None, train_mode: Callable[[], None] | None = None) -> dict[str, Any]:
+        predict: Callable[[], Prediction] | None, state: Callable[[], dict] | None = None, n_classes: int = 0,
+        collapse_fraction: float = 1.0, checkpoint_path=None, train_mode: Callable[[], None] | None = None,
+        epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train for ``epochs``; return ``{keys, predictions [E, N], extra {name: [E, N]}, log}``.
 
     ``batches(epoch)`` yields the epoch's batches; ``train_mode()`` (called before each epoch) puts the
-    modules in training mode (frozen backbones stay in eval mode). The log of an epoch holds the mean per
-    iteration of every value the steps return, each step's learning rate (``lr`` for one step, else
-    ``lr_<name>``), the iteration count and the seconds it took.
+    modules in training mode (frozen backbones stay in eval mode); ``epoch_end(epoch)`` runs after the
+    epoch's schedulers stepped. The log of an epoch holds the mean per iteration of every value the steps
+    return, each step's learning rate (``lr`` for one step, else ``lr_<name>``), the iteration count and the
+    seconds it took. Without ``predict`` (the source prompts, which have no target to predict) nothing is
+    recorded but the log.
     """
     recorder = EpochRecorder(n_classes=n_classes, collapse_fraction=collapse_fraction,
-                             checkpoint_path=checkpoint_path, where=where)
+                             checkpoint_path=checkpoint_path, where=where) if predict is not None else None
+    log: list[dict] = []
     extra: dict[str, list[np.ndarray]] = {}
     t = 0
     for epoch in tqdm(range(1, epochs + 1), desc=f"{where} epochs", unit="epoch"):
@@ -185,11 +189,17 @@ def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: l
         for step in steps:
             if step.scheduler is not None and step.per == "epoch":
                 step.scheduler.step()
-        out = predict()
-        for name, preds in out.extra.items():
-            extra.setdefault(name, []).append(np.asarray(preds))
         lr_log = {"lr": next(iter(lrs.values()))} if len(lrs) == 1 else {f"lr_{k}": v for k, v in lrs.items()}
-        recorder.add(epoch, out.keys, out.predictions, {
-            "epoch": epoch, **{k: v / max(iterations, 1) for k, v in sums.items()}, **lr_log,
-            "iterations": iterations, "seconds": time.perf_counter() - start}, state=state())
-    return {**recorder.result(), "extra": {k: np.stack(v) for k, v in extra.items()}}
+        entry = {"epoch": epoch, **{k: v / max(iterations, 1) for k, v in sums.items()}, **lr_log,
+                 "iterations": iterations, "seconds": time.perf_counter() - start}
+        if recorder is None:
+            log.append(entry)
+        else:
+            out = predict()
+            for name, preds in out.extra.items():
+                extra.setdefault(name, []).append(np.asarray(preds))
+            recorder.add(epoch, out.keys, out.predictions, entry, state=state())
+        if epoch_end is not None:
+            epoch_end(epoch)
+    return {**(recorder.result() if recorder is not None else {"log": log}),
+            "extra": {k: np.stack(v) for k, v in extra.items()}}
