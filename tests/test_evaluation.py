@@ -197,3 +197,21 @@ def test_report_names_task_and_missing_key(tmp_path, path, missing):
     with pytest.raises(ValueError, match=rf"'a_to_b'.*{missing}"):
         build_report({"a_to_b": m}, tmp_path)
     assert not any(tmp_path.iterdir())  # validation happens before anything is written
+
+
+def test_extra_inference_rules_and_parameter_sums(tmp_path):
+    """CMKD-style extras (other inference rules, with notes) and DSP counts summed over the tasks."""
+    tasks = {}
+    for i, name in enumerate(("a_to_b", "b_to_a")):
+        m = _task(name, "a", "b", i, 2, 2)
+        labels = np.array(m["models"]["student"]["target"]["last"]["confusion"]).sum(1)  # class sizes only
+        y = np.repeat(np.arange(3), labels)
+        m["extras"] = {"clip_zeroshot": {"target": epoch_summary(y, y[None], 3), "note": "the paper's CLIP rows"}}
+        m["parameters"] = {"trainable": 100, "changed": 10 + i, "dsp_paper": 40 + i, "dsp_code": 52 + i}
+        tasks[name] = m
+    results = build_report(tasks, tmp_path)
+    assert results["tasks"]["a_to_b"]["extras"]["clip_zeroshot"]["acc"] == 100.0
+    assert results["mean"]["extra:clip_zeroshot"]["target"]["acc"] == 100.0
+    assert results["parameters_total"] == {"changed": 21, "dsp_code": 105, "dsp_paper": 81, "trainable": 200}
+    md = (tmp_path / "results.md").read_text()
+    assert "| **sum** | 21 | 105 | 81 | 200 |" in md and "`clip_zeroshot`: the paper's CLIP rows" in md

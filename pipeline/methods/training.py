@@ -129,6 +129,10 @@ class Step:
     per: str = "epoch"
     after: Callable[[], None] | None = None
 
+    def __post_init__(self) -> None:
+        if self.per not in ("epoch", "iteration"):
+            raise ValueError(f"Step {self.name!r}: per={self.per!r}, expected 'epoch' or 'iteration'")
+
 
 @dataclasses.dataclass
 class Prediction:
