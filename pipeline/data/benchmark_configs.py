@@ -62,6 +62,9 @@ def benchmark_params(base: dict[str, Any], fmt: str) -> dict[str, Any]:
     params["features"]["templates"] = list(TEMPLATES)
     params["standins"]["models"] = {}
     params["distill"]["loss"].update(weight=1000.0, reduction="numel")   # PromptKD's published KD setting
+    params["prompts"]["augment"] = "dassl"  # the CoOp-lineage train view on object images
+    for method in ("promptkd", "ekda", "dapl"):
+        params["distill"][method]["augment"] = "dassl"
     cmkd = params["distill"]["cmkd"]
     cmkd.update(CMKD_COMMON)
     cmkd.update(copy.deepcopy(CMKD[fmt]))
