@@ -30,3 +30,22 @@ def test_generator_output_validates_for_the_current_params():
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     for fmt in benchmarks():
         assert benchmark_params(base, fmt)["tasks"] == standard_tasks(fmt)
+
+
+@pytest.mark.parametrize("fmt, expected", [
+    ("office_home", {"lr": 3e-6, "head_lr_multiplier": 1000.0, "epochs": 20, "iters_per_epoch": 500,
+                     "template": "an image of a {}.", "augment": "cmkd", "lambda1": 0.25, "lambda3": 0.025,
+                     "fixmatch": {"enabled": False, "threshold": 0.95, "weight": 0.5},
+                     "rst": {"enabled": False, "threshold": 1e-6}}),
+    ("visda", {"lr": 3e-7, "iters_per_epoch": 1000, "augment": "cmkd_visda", "template": "a photo of a {}.",
+               "fixmatch": {"enabled": False, "threshold": 0.8, "weight": 2.0},
+               "rst": {"enabled": False, "threshold": 1e-7}}),
+    ("domainnet", {"epochs": 40, "iters_per_epoch": 1000, "lambda1": 0.025, "lambda2": 0.1, "lambda3": 0.0025,
+                   "fixmatch": {"enabled": False, "threshold": 0.95, "weight": 0.1}}),
+])
+def test_configs_carry_the_published_settings(fmt, expected):
+    params = load_params(ROOT / "configs" / f"{fmt}.yaml")
+    cmkd = params["distill"]["cmkd"]
+    assert {k: cmkd[k] for k in expected} == expected
+    assert params["distill"]["loss"]["weight"] == 1000.0 and params["distill"]["loss"]["reduction"] == "numel"
+    assert params["prompts"]["augment"] == params["distill"]["promptkd"]["augment"] == "dassl"
