@@ -109,9 +109,11 @@ def test_every_method_runs_through_dvc(smoke, method, extra):
 def test_cmkd_variants_run_through_dvc(smoke, variant):
     """CMKD, CMKD + FixMatch and CMKD + RST: the stand-in student's visual tower fine-tuned (3 x 40 iterations)."""
     workdir, _ = smoke
-    extra = {"plain": [], "fixmatch": ["-S", "distill.cmkd.fixmatch.enabled=true"],
-             "rst": ["-S", "distill.cmkd.rst.enabled=true"]}[variant]
-    out = dvc(["exp", "run", "-S", "distill.method=cmkd", *extra], workdir=workdir)
+    # `dvc exp run` leaves its params in the workspace: set both switches every time
+    switches = [f"distill.cmkd.fixmatch.enabled={str(variant == 'fixmatch').lower()}",
+                f"distill.cmkd.rst.enabled={str(variant == 'rst').lower()}"]
+    out = dvc(["exp", "run", "-S", "distill.method=cmkd", *[a for s in switches for a in ("-S", s)]],
+              workdir=workdir)
     assert _stages_run(out) == ["distill", "evaluate", "report"]
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert results["method"] == "cmkd"
@@ -124,8 +126,8 @@ def test_cmkd_variants_run_through_dvc(smoke, variant):
     total = results["parameters_total"]
     assert total["dsp_paper"] == total["changed"] + 2 * 10 * 32  # d x C per task, 2 tasks (student embed_dim 32)
     assert (students / "residual.safetensors").is_file() == (variant == "rst")
-    if variant == "rst":
-        assert 0 < log["dsp"]["changed"] < log["trainable_params"] and total["bytes"] > 0
+    if variant == "rst":  # tau 1e-5: a sparse residual (about 0.4 % of the tower on these stand-ins)
+        assert 0 < log["dsp"]["changed"] < 0.05 * log["trainable_params"] and 0 < total["bytes"] < 20_000
 
 
 def test_source_prompt_variants_run_through_dvc(smoke):
