@@ -1,7 +1,7 @@
 """Stage ``distill``: adapt each task to its unlabelled target with the method named in ``distill.method``.
 
-The methods are in :data:`pipeline.methods.METHODS` (``uda-distill info`` lists them). No target label is
-read. Each task's output is self-contained for inference (trainable state, class vectors, logit scale,
+The methods are the registry :data:`pipeline.methods.METHODS`; each method's module says what it trains.
+No target label is read. Each task's output is self-contained for inference (trainable state, class vectors, logit scale,
 model identities with precision and preprocessing), plus per-epoch target predictions for the evaluate
 stage. The last good state of a running task is kept under ``paths.checkpoints`` (not a DVC output), so a
 collapse or divergence leaves it in place.

@@ -14,26 +14,11 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.data.shards import image_loader
-from pipeline.io import atomic_write, read_json
+from pipeline.io import atomic_write
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedTeacher
 
 FAISS_INDEXES = ("flat_ip",)
-
-
-def domain_dir(features_root: str | Path, dataset: str, domain: str) -> Path:
-    """Where a domain's teacher features live: ``features.npy``, ``keys.json``, ``index.faiss``."""
-    return Path(features_root) / "domains" / dataset / domain
-
-
-def task_dir(features_root: str | Path, task: str) -> Path:
-    """Where a task's class vectors, target logits and teacher predictions live."""
-    return Path(features_root) / "tasks" / task
-
-
-def domain_keys(features_root: str | Path, dataset: str, domain: str) -> list[str]:
-    """Sample keys in the row order of a domain's cached features."""
-    return read_json(domain_dir(features_root, dataset, domain) / "keys.json")
 
 
 @torch.no_grad()
