@@ -2,10 +2,10 @@
 
 The schema is data (:data:`SCHEMA`, in the language of :mod:`pipeline.schema`): every key a stage may read,
 with its type and allowed values. Unknown keys are errors too, so a typo such as ``distill.epoch`` cannot
-silently fall back to a default. Errors name the key, the value found and what was expected. The blocks of
-the methods (``distill.<method>``) and losses (``distill.loss``) come from their registries, with the
-defaults each module declares: a block or key left out gets its default (filled in here, so stages and
-run records see every value). Enumerations are imported from the code that implements them.
+silently fall back to a default. Errors name the key, the value found and what was expected. The methods'
+blocks (``distill.<method>``, with a distilling method's ``loss`` block) come from the method and loss
+registries, with the defaults each module declares: a block or key left out gets its default (filled in
+here, so stages and run records see every value). Enumerations are imported from the code that implements them.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from pipeline.data.classlists import available_classlists
 from pipeline.data.digits import DOMAINS as DIGITS_DOMAINS
 from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import FAISS_INDEXES
-from pipeline.losses import loss_schema
 from pipeline.methods import METHODS
 from pipeline.models.factory import PRECISIONS
 from pipeline.models.prompted import LOCATIONS, PROMPT_INITS
@@ -39,7 +38,6 @@ MODEL = {"name": text(), "pretrained": text(optional=True, nullable=True),
 SGD = {"epochs": integer(1), "batch_size": integer(2), "lr": number(0.0), "momentum": number(0.0),
        "weight_decay": number(0.0)}
 
-LOSS = loss_schema()  # common keys + one optional block per loss, from the registry pipeline.losses.LOSSES
 
 
 # data.datasets entries, by format. External datasets are read from `root` (see DATASETS.md).
@@ -84,7 +82,7 @@ SCHEMA: dict[str, Any] = {
                 "text_weight": number(0.0), "image_weight": number(0.0), "kl_weight": number(0.0),
                 "gpa_mean": number(0.0), "gpa_std": number(1e-6)},
     "features": {"templates": text_list(is_template=True), "batch_size": integer(1), "faiss_index": text(FAISS_INDEXES)},
-    "distill": {**SGD, "method": text(tuple(METHODS)), "loss": LOSS, "refine_knn": integer(0),
+    "distill": {**SGD, "method": text(tuple(METHODS)), "refine_knn": integer(0),
                 "collapse_fraction": number(0.0, maximum=1.0, exclusive_min=True),
                 **{name: method.params for name, method in METHODS.items()}},  # each method's own block
     "evaluate": {"batch_size": integer(1)},

@@ -1,7 +1,7 @@
 """The params schema language: leaves (:class:`Field`), blocks with defaults, tagged and named mappings.
 
 Library modules describe the params block they read with these helpers (a method its ``distill.<method>``
-block, a loss its ``distill.loss.<loss>`` block); :mod:`pipeline.config` assembles them into the schema of
+block, a loss its ``loss.<loss>`` block inside a method's block); :mod:`pipeline.config` assembles them into the schema of
 ``params.yaml`` and validates a file once, before any work. Errors name the key, the value found and what
 was expected. A field or block with a default may be left out; :func:`validate` then fills the default in,
 so the code downstream always sees every key (and the run record shows the values actually used).

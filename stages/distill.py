@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                 "distill": d, "task": task, **result.checkpoint})
             out.write_predictions(result.keys, result.predictions, result.extra_predictions)
             atomic_write_json(out.train_log, {
-                "method": method.name, "loss": d["loss"]["name"], "refine_knn": d["refine_knn"],
+                "method": method.name, "refine_knn": d["refine_knn"],
                 "trainable_params": result.trainable_params, **result.log_extra,
                 "extra_predictions": result.extra_notes, "epochs": result.log})
             return result.log[-1]

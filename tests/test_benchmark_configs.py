@@ -47,5 +47,7 @@ def test_configs_carry_the_published_settings(fmt, expected):
     params = load_params(ROOT / "configs" / f"{fmt}.yaml")
     cmkd = params["distill"]["cmkd"]
     assert {k: cmkd[k] for k in expected} == expected
-    assert params["distill"]["loss"]["weight"] == 1000.0 and params["distill"]["loss"]["reduction"] == "numel"
+    kd = {m: (params["distill"][m]["loss"]["weight"], params["distill"][m]["loss"]["reduction"])
+          for m in ("promptkd", "ekda")}
+    assert kd == {"promptkd": (1000.0, "numel"), "ekda": (100.0, "numel")}
     assert params["prompts"]["augment"] == params["distill"]["promptkd"]["augment"] == "dassl"

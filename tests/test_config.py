@@ -72,7 +72,7 @@ def test_missing_key(params):
     (lambda p: p["prompts"].update(n_ctx=-1), "prompts.n_ctx: expected an integer >= 0"),
     (lambda p: p["prompts"].update(n_ctx=0, visual_tokens=0), "n_ctx and visual_tokens are both 0"),
     (lambda p: p["distill"].update(collapse_fraction=1.5), "distill.collapse_fraction: expected a number > 0.0 and <= 1.0"),
-    (lambda p: p["distill"]["loss"].update(name="mse"), "distill.loss.name: expected one of ['kl', 'nd'"),
+    (lambda p: p["distill"]["promptkd"]["loss"].update(name="mse"), "distill.promptkd.loss.name: expected one of ['kl', 'nd'"),
     (lambda p: p["distill"]["ekda"].update(lr=0.1), "distill.ekda.lr: unknown key"),
     (lambda p: p["distill"]["ekda"].update(n_tokens=0), "distill.ekda.n_tokens: expected an integer >= 1"),
     (lambda p: p["distill"]["promptkd"].update(n_tokens=0, depth=3), "distill.promptkd.depth: deep prompts need"),

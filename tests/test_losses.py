@@ -1,4 +1,4 @@
-"""Distillation losses against values computed by hand; the distill.loss schema."""
+"""Distillation losses against values computed by hand; the schema of a method's loss block."""
 import copy
 import math
 import re
@@ -70,7 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(name, **overrides):
-    """A distill.loss block: common keys as keyword arguments, a loss's own block as a dict (nd={"weight": 2.0})."""
+    """A loss block: common keys as keyword arguments, a loss's own block as a dict (nd={"weight": 2.0})."""
     return {**LOSS_DEFAULTS, "name": name, **overrides}
 
 
@@ -487,25 +487,25 @@ def test_bad_value_names_the_key(key, value):
     cfg = copy.deepcopy(LOSS_DEFAULTS)
     block, _, field = key.rpartition(".")
     (cfg[block] if block else cfg)[field] = value
-    with pytest.raises(ConfigError, match=rf"distill\.loss\.{re.escape(key)}: expected"):
+    with pytest.raises(ConfigError, match=rf"loss\.{re.escape(key)}: expected"):
         build_distill_loss(cfg, n_classes=3, feature_dim=4)
 
 
 def test_unknown_block_key_or_missing_common_key_is_named():
-    with pytest.raises(ConfigError, match=r"distill\.loss\.temprature: unknown key"):
+    with pytest.raises(ConfigError, match=r"loss\.temprature: unknown key"):
         build_distill_loss({**LOSS_DEFAULTS, "temprature": 2.0}, n_classes=3, feature_dim=4)
-    with pytest.raises(ConfigError, match=r"distill\.loss\.kl: unknown key"):   # kl has no settings of its own
+    with pytest.raises(ConfigError, match=r"loss\.kl: unknown key"):   # kl has no settings of its own
         build_distill_loss({**LOSS_DEFAULTS, "kl": {"weight": 2.0}}, n_classes=3, feature_dim=4)
-    with pytest.raises(ConfigError, match=r"distill\.loss\.sinkhorn\.eps: unknown key; allowed keys here: "
+    with pytest.raises(ConfigError, match=r"loss\.sinkhorn\.eps: unknown key; allowed keys here: "
                                           r"\['epsilon', 'iters', 'weight'\]"):
         build_distill_loss(_cfg("sinkhorn", sinkhorn={"eps": 0.05}), n_classes=3, feature_dim=4)
-    with pytest.raises(ConfigError, match=r"distill\.loss\.nd_weight: unknown key"):     # the old flat shape
+    with pytest.raises(ConfigError, match=r"loss\.nd_weight: unknown key"):     # the old flat shape
         build_distill_loss({**LOSS_DEFAULTS, "nd_weight": 1.0}, n_classes=3, feature_dim=4)
-    with pytest.raises(ConfigError, match=r"distill\.loss\.nd: expected a mapping"):
+    with pytest.raises(ConfigError, match=r"loss\.nd: expected a mapping"):
         build_distill_loss(_cfg("nd", nd=2.0), n_classes=3, feature_dim=4)
     cfg = dict(LOSS_DEFAULTS)
     del cfg["temperature"]                        # the common keys have no default: a KD weight needs its T
-    with pytest.raises(ConfigError, match=r"distill\.loss\.temperature: missing"):
+    with pytest.raises(ConfigError, match=r"loss\.temperature: missing"):
         build_distill_loss(cfg, n_classes=3, feature_dim=4)
     with pytest.raises(ValueError, match="n_classes"):
         build_distill_loss(dict(LOSS_DEFAULTS), n_classes=0, feature_dim=4)
@@ -516,8 +516,8 @@ def test_every_problem_is_listed_at_once():
     cfg = _cfg("sinkhorn", sinkhorn={"epsilon": -1.0}, dual_head={"alpha": 2.0})
     with pytest.raises(ConfigError) as info:
         build_distill_loss(cfg, n_classes=3, feature_dim=4)
-    assert "distill.loss.sinkhorn.epsilon: expected a number > 0.0, got -1.0" in str(info.value)
-    assert "distill.loss.dual_head.alpha: expected a number >= 0.0 and <= 1.0, got 2.0" in str(info.value)
+    assert "loss.sinkhorn.epsilon: expected a number > 0.0, got -1.0" in str(info.value)
+    assert "loss.dual_head.alpha: expected a number >= 0.0 and <= 1.0, got 2.0" in str(info.value)
 
 
 def test_blocks_are_optional_and_take_their_defaults():
@@ -537,18 +537,28 @@ def test_blocks_are_optional_and_take_their_defaults():
 
 def test_params_files_validate_with_and_without_blocks():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert {k: params["distill"]["loss"][k] for k in LOSS_DEFAULTS} == LOSS_DEFAULTS   # params.yaml = defaults
+    kd = params["distill"]["promptkd"]["loss"]
+    assert {k: kd[k] for k in LOSS_DEFAULTS} == LOSS_DEFAULTS   # the digits params.yaml = the library defaults
     for block in ("nd", "sinkhorn", "dual_head"):
-        del params["distill"]["loss"][block]
-    params["distill"]["loss"]["sinkhorn"] = {"iters": 5}
-    loss = validate_params(params)["distill"]["loss"]
+        del kd[block]
+    kd["sinkhorn"] = {"iters": 5}
+    loss = validate_params(params)["distill"]["promptkd"]["loss"]
     assert loss == {**LOSS_DEFAULTS, "sinkhorn": {"iters": 5, "weight": 1.0, "epsilon": 0.1}}
-    params["distill"]["loss"]["dual_head"] = {"alpha": 1.5}
-    params["distill"]["loss"]["binary_kl_norm"] = {}
+    kd["dual_head"] = {"alpha": 1.5}
+    kd["binary_kl_norm"] = {}
     with pytest.raises(ConfigError) as info:
         validate_params(params)
-    assert "distill.loss.dual_head.alpha: expected a number >= 0.0 and <= 1.0, got 1.5" in str(info.value)
-    assert "distill.loss.binary_kl_norm: unknown key" in str(info.value)
+    assert "distill.promptkd.loss.dual_head.alpha: expected a number >= 0.0 and <= 1.0, got 1.5" in str(info.value)
+    assert "distill.promptkd.loss.binary_kl_norm: unknown key" in str(info.value)
+
+
+def test_a_left_out_loss_block_takes_the_methods_published_setting():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del params["distill"]["promptkd"]["loss"], params["distill"]["ekda"]["loss"]
+    d = validate_params(params)["distill"]
+    assert {k: d["promptkd"]["loss"][k] for k in ("name", "weight", "reduction", "temperature")} == \
+        {"name": "kl", "weight": 1000.0, "reduction": "numel", "temperature": 1.0}   # PromptKD's KD_WEIGHT
+    assert (d["ekda"]["loss"]["weight"], d["ekda"]["loss"]["reduction"]) == (100.0, "numel")   # EKDA's
 
 
 def test_registry_entries_are_complete():
@@ -561,8 +571,11 @@ def test_registry_entries_are_complete():
         assert type(loss) is cls and loss.required_inputs == cls.required_inputs
 
 
-def test_benchmark_configs_use_the_published_promptkd_kd_setting():
+def test_benchmark_configs_use_the_published_kd_settings():
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert (base["distill"]["loss"]["weight"], base["distill"]["loss"]["reduction"]) == (1.0, "batchmean")
-    loss = benchmark_params(base, "office31")["distill"]["loss"]
+    kd = base["distill"]["promptkd"]["loss"]
+    assert (kd["weight"], kd["reduction"]) == (1.0, "batchmean")
+    distill = benchmark_params(base, "office31")["distill"]
+    loss = distill["promptkd"]["loss"]
     assert (loss["weight"], loss["reduction"], loss["temperature"]) == (1000.0, "numel", 1.0)
+    assert (distill["ekda"]["loss"]["weight"], distill["ekda"]["loss"]["reduction"]) == (100.0, "numel")

@@ -135,7 +135,7 @@ def test_source_prompt_variants_run_through_dvc(smoke):
     workdir, _ = smoke
     out = dvc(["exp", "run", "-S", "distill.method=promptkd", "-S", "distill.epochs=2", "-S", "prompts.epochs=4", "-S", "prompts.visual_tokens=2",
                "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1", "-S", "prompts.gpa_mean=3",
-               "-S", "distill.loss.name=nd", "-S", "distill.refine_knn=5"],  # ND reads the prompted features
+               "-S", "distill.promptkd.loss.name=nd", "-S", "distill.refine_knn=5"],  # ND reads the prompted features
               workdir=workdir)
     assert _stages_run(out) == ["prompts", "features", "distill", "evaluate", "report"]
     log = json.loads((workdir / "models" / "students" / "usps_to_mnist" / "train_log.json").read_text())

@@ -1,8 +1,8 @@
-"""The base class of every distillation loss chosen by name in params (``distill.loss``).
+"""The base class of every distillation loss chosen by name in params (a method's ``loss`` block).
 
 A loss is one subclass of :class:`DistillLoss` in its own module, registered by name in
 :data:`pipeline.losses.LOSSES`. It declares its ``name``, its own params block ``params`` (the fields of
-``distill.loss.<name>``, each with a default; empty when it has none), the optional forward() inputs it reads
+``distill.<method>.loss.<name>``, each with a default; empty when it has none), the optional forward() inputs it reads
 (``required_inputs``), and implements :meth:`DistillLoss.terms`. The base class owns what every loss shares: the
 common keys (``weight``, ``reduction``, ``temperature``), shape and input checks, float32 with autocast off, the
 total and the parts. Only a loss with parameters (``dual_head``) overrides ``inference_logits`` / ``init_head``.
@@ -20,14 +20,21 @@ from torch import nn
 from pipeline.losses.kd import REDUCTIONS, kl_divergence
 from pipeline.schema import Field, number, text
 
-# The keys every loss reads (``distill.loss.<key>``); ``name`` picks the loss.
-COMMON: dict[str, Field] = {
-    # KD weight w; read it together with `reduction` (w under numel == w/C under batchmean)
-    "weight": number(0.0),
-    # batchmean: sum / B; numel: sum / (B*C), PromptKD's KD_WEIGHT 1000 / EKDA's 100 convention
-    "reduction": text(REDUCTIONS),
-    "temperature": number(0.0, exclusive_min=True),
-}
+
+def common_fields(**defaults: Any) -> dict[str, Field]:
+    """The keys every loss reads (``<method>.loss.<key>``); with ``defaults`` (a method's published setting)
+    they may be left out, without them they are required (a KD weight means nothing without its reduction)."""
+    d = {k: {"default": v} for k, v in defaults.items()}
+    return {
+        # KD weight w; read it together with `reduction` (w under numel == w/C under batchmean)
+        "weight": number(0.0, **d.get("weight", {})),
+        # batchmean: sum / B; numel: sum / (B*C), PromptKD's KD_WEIGHT 1000 / EKDA's 100 convention
+        "reduction": text(REDUCTIONS, **d.get("reduction", {})),
+        "temperature": number(0.0, exclusive_min=True, **d.get("temperature", {})),
+    }
+
+
+COMMON = tuple(common_fields())  # their names
 
 INPUTS = ("f_s", "f_t", "class_centers")   # the optional forward() inputs a loss may read
 
@@ -35,14 +42,14 @@ INPUTS = ("f_s", "f_t", "class_centers")   # the optional forward() inputs a los
 class DistillLoss(nn.Module):
     """A distillation loss: ``forward(z_s, z_t, ...) -> (total, parts)`` and the prediction rule.
 
-    Build one with :func:`pipeline.losses.build_distill_loss`, which validates ``cfg`` (the ``distill.loss``
+    Build one with :func:`pipeline.losses.build_distill_loss`, which validates ``cfg`` (a method's ``loss``
     block, every default filled in) and picks the subclass by name. A loss with parameters (``dual_head``'s
     ``head``) needs ``.parameters()`` in the optimiser, ``.to(device)`` and its ``state_dict()`` saved with the
     student; the others have none.
     """
 
     name: ClassVar[str] = ""
-    params: ClassVar[dict[str, Field]] = {}          # the distill.loss.<name> block: fields with defaults
+    params: ClassVar[dict[str, Field]] = {}          # the loss.<name> block: fields with defaults
     required_inputs: ClassVar[tuple[str, ...]] = ()  # which of INPUTS it reads; callers need compute only these
 
     def __init__(self, cfg: dict[str, Any], *, n_classes: int, feature_dim: int):

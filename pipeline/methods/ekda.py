@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from pipeline.data.shards import image_loader
 from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import logits, softmax_np
-from pipeline.losses import DistillLoss, build_distill_loss
+from pipeline.losses import DistillLoss, build_distill_loss, loss_schema
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.refine import KnnRefiner
@@ -53,6 +53,7 @@ PARAMS = Block({
     "ce_weight": number(0.0, default=1.0),    # student: CE to the teacher's arg-max pseudo-labels (no threshold)
     "align_weight": number(0.0, default=1.0),  # student: squared L2 between normalised teacher and student features
     "augment": text(TRAIN_TRANSFORMS, default="dassl"),  # train view of source and target (EKDA/CDU: Dassl crop + flip)
+    "loss": Block(loss_schema(name="kl", weight=100.0, reduction="numel", temperature=1.0)),  # the scripts' KD weight
 })
 
 
@@ -189,6 +190,12 @@ def student_loss(teacher, student, loss_fn: DistillLoss, images: torch.Tensor, *
 
 
 def run(job: TaskJob) -> MethodResult:
+    result = _run(job)
+    result.log_extra["loss"] = job.block["loss"]["name"]
+    return result
+
+
+def _run(job: TaskJob) -> MethodResult:
     d, block = job.distill, job.block
     zs_text = np.load(job.cached.zeroshot_vectors)
     zs_target = job.domain_features("target")
@@ -196,7 +203,7 @@ def run(job: TaskJob) -> MethodResult:
         teacher_model=job.models["teacher"], student_model=job.models["student"], classnames=job.classnames,
         source_dir=job.shard_dir("source"), target_dir=job.shard_dir("target"), zs_text=zs_text,
         source_zs_features=KeyedRows(job.domain_keys("source"), job.domain_features("source"), "teacher features"),
-        ekda=block, loss=build_distill_loss(d["loss"], n_classes=len(job.classes), feature_dim=zs_text.shape[1]),
+        ekda=block, loss=build_distill_loss(block["loss"], n_classes=len(job.classes), feature_dim=zs_text.shape[1]),
         refiner=job.knn_refiner(softmax_np(logits(zs_target, zs_text, job.logit_scale))),
         epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"], momentum=d["momentum"],
         weight_decay=d["weight_decay"], seed=job.seed, device=job.device, collapse_fraction=d["collapse_fraction"],

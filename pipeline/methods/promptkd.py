@@ -18,7 +18,7 @@ import torch
 from pipeline.data.shards import image_loader
 from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np
-from pipeline.losses import DistillLoss, build_distill_loss
+from pipeline.losses import DistillLoss, build_distill_loss, loss_schema
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.shared import (KeyedRows, build_student, loss_state, make_student, predict_student,
@@ -33,6 +33,7 @@ PARAMS = Block({  # the student's visual prompts (PromptKD: IVLP-style, 4 tokens
     "location": text(LOCATIONS, default="append"),
     "depth": integer(0, default=9),  # layers with their own prompts (1: shallow; 0: every layer)
     "augment": text(TRAIN_TRANSFORMS, default="dassl"),  # student train view (PromptKD: Dassl random crop + flip)
+    "loss": Block(loss_schema(name="kl", weight=1000.0, reduction="numel", temperature=1.0)),  # KD_WEIGHT 1000
 })
 
 
@@ -98,7 +99,13 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
 
 
 def run(job: TaskJob) -> MethodResult:
-    d = job.distill
+    result = _run(job)
+    result.log_extra["loss"] = job.block["loss"]["name"]
+    return result
+
+
+def _run(job: TaskJob) -> MethodResult:
+    d, block = job.distill, job.block
     class_vectors = np.load(job.cached.class_vectors)
     target_keys = job.domain_keys("target")
     z_t = np.load(job.cached.target_logits)
@@ -109,12 +116,12 @@ def run(job: TaskJob) -> MethodResult:
         student_model=job.models["student"], class_vectors=class_vectors, logit_scale=job.logit_scale,
         teacher_logits=KeyedRows(target_keys, z_t),
         teacher_features=KeyedRows(target_keys, job.teacher_target_features(), "teacher features"),
-        loss=build_distill_loss(d["loss"], n_classes=len(job.classes), feature_dim=class_vectors.shape[1]),
+        loss=build_distill_loss(block["loss"], n_classes=len(job.classes), feature_dim=class_vectors.shape[1]),
         shard_dir=job.shard_dir("target"), epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"],
         momentum=d["momentum"], weight_decay=d["weight_decay"], seed=job.seed, device=job.device,
         collapse_fraction=d["collapse_fraction"], num_workers=job.num_workers, deterministic=job.deterministic,
         checkpoint_path=job.checkpoint_path, eval_batch_size=job.eval_batch_size,
-        **{k: job.block[k] for k in ("n_tokens", "location", "depth", "augment")})
+        **{k: block[k] for k in ("n_tokens", "location", "depth", "augment")})
 
 
 def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, Any]]:
