@@ -27,10 +27,6 @@ from pipeline.methods.training import Prediction, Step, fit, seeded, update
 from pipeline.models.residual import RstProjection, dsp_counts, frozen_copy, save_residual
 from pipeline.schema import Block, boolean, integer, number, template, text
 
-# The Office-Home yaml of the original (reported setting). cmkd_step requires every key; nothing is filled in.
-DEFAULT_CFG = {"lambda1": 0.25, "lambda2": 0.1, "lambda3": 0.025, "label_smoothing": 0.1, "lambda_max_iter": 10000,
-               "fixmatch": {"enabled": False, "threshold": 0.95, "weight": 0.5}}
-
 
 class TaskHead(nn.Sequential):
     """BatchNorm1d(d) with a frozen bias -> LayerNorm(d, eps 1e-6) -> Linear(d, C, no bias), weight ~ N(0, 0.001).
@@ -275,6 +271,10 @@ def _loop_cfg(block: dict) -> dict:
     return {k: block[k] for k in ("lambda1", "lambda2", "lambda3", "label_smoothing", "lambda_max_iter", "fixmatch")}
 
 
+# What cmkd_step / cmkd_loss read, at the reported (Office-Home) values; they require every key, none is filled in.
+DEFAULT_CFG = _loop_cfg(PARAMS.defaults())
+
+
 @torch.no_grad()
 def _predict(model: CmkdModel, shard_dir, *, transform, batch_size: int, device: str, num_workers: int
              ) -> tuple[list[str], dict[str, np.ndarray]]:
@@ -293,6 +293,8 @@ def _predict(model: CmkdModel, shard_dir, *, transform, batch_size: int, device:
 
 
 def run(job: TaskJob) -> MethodResult:
+    """Fine-tune a copy of the student CLIP's visual tower on one task, in fp32 whatever model.student.precision
+    says (the original disables CLIP's fp16 weights too); the loaded student is left untouched."""
     block, device, student = job.block, job.device, job.models["student"]
     with seeded(job.seed, deterministic=job.deterministic):  # the head's initial weights
         model = make_model(copy.deepcopy(student.model), student.tokenizer, job.classnames, block).to(device)
