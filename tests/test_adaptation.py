@@ -49,7 +49,7 @@ def test_ekda_trains_teacher_and_student_without_target_labels(teacher, student,
     out = _ekda(teacher, student, digits_shards, target, cached, tmp_path)
     assert out.predictions.shape == (2, 60) and out.keys == cached["mnist"][0]
     # teacher: text ctx 2x64 + visual 2x64; student: prompts 2 layers x 2 x 32 + projector 32 -> 64
-    assert out.log_extra["trainable_by_part"] == {"teacher": 2 * 64 + 2 * 64,
+    assert out.log_extra["loss"] == "kl" and out.log_extra["trainable_by_part"] == {"teacher": 2 * 64 + 2 * 64,
                                         "student": 2 * 2 * 32 + (32 * 64 + 64) + 2 * 64 + (64 * 64 + 64)}
     assert out.log[0]["iterations"] == 4  # epoch = number of source batches (60 / 16)
     assert out.class_vectors.shape == (10, 64)

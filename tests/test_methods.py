@@ -56,7 +56,7 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
                 checkpoint_path=tmp_path / "ckpt.pt")
     out = distill_promptkd(**args)
     assert out.predictions.shape == (3, 60) and out.keys == keys
-    assert out.log[-1]["loss"] < out.log[0]["loss"]
+    assert out.log[-1]["loss"] < out.log[0]["loss"] and out.log_extra["loss"] == "kl"  # train_log names the loss
     teacher_pred = cached(keys).argmax(1).numpy()
     assert (out.predictions[-1] == teacher_pred).mean() > (out.predictions[0] == teacher_pred).mean() - 0.05
     # trainable: prompts 2x2x32 + projector 32->64 (linear, BN, linear)

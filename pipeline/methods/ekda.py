@@ -143,7 +143,7 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                         trainable_params=trainable["student"] + trainable["teacher"],
                         class_vectors=final_class_vectors().cpu().numpy(),
                         checkpoint={"teacher_config": teacher_config(ekda)},
-                        log_extra={"trainable_by_part": trainable})
+                        log_extra={"trainable_by_part": trainable, "loss": loss.name})
 
 
 def teacher_loss(teacher, images: torch.Tensor, labels: torch.Tensor, *, zs_text: torch.Tensor,
@@ -190,12 +190,6 @@ def student_loss(teacher, student, loss_fn: DistillLoss, images: torch.Tensor, *
 
 
 def run(job: TaskJob) -> MethodResult:
-    result = _run(job)
-    result.log_extra["loss"] = job.block["loss"]["name"]
-    return result
-
-
-def _run(job: TaskJob) -> MethodResult:
     d, block = job.distill, job.block
     zs_text = np.load(job.cached.zeroshot_vectors)
     zs_target = job.domain_features("target")

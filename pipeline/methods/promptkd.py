@@ -95,16 +95,10 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
               steps=[Step("student", step, optimizer, scheduler)], predict=predict, state=state,
               n_classes=W.shape[0], collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
     return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
-                        trainable_params=sum(p.numel() for p in trainable))
+                        trainable_params=sum(p.numel() for p in trainable), log_extra={"loss": loss.name})
 
 
 def run(job: TaskJob) -> MethodResult:
-    result = _run(job)
-    result.log_extra["loss"] = job.block["loss"]["name"]
-    return result
-
-
-def _run(job: TaskJob) -> MethodResult:
     d, block = job.distill, job.block
     class_vectors = np.load(job.cached.class_vectors)
     target_keys = job.domain_keys("target")
