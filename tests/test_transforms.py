@@ -14,7 +14,8 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 from torchvision import transforms as T
 
-from pipeline.data.shards import image_loader, read_manifest, seeded_call, view_seed
+from pipeline.data.seeding import seeded_call, view_seed
+from pipeline.data.shards import image_loader, read_manifest
 from pipeline.data.transforms import (TRAIN_TRANSFORMS, randaugment_hparams, strong_transform,
                                       train_transform)
 
@@ -137,6 +138,32 @@ def test_strong_view_uses_timm_randaugment(cfg32):
     assert torch.equal(b, again)
     others = [seeded_call(strong, img, view_seed(0, e, "key", 1)) for e in range(1, 4)]
     assert not any(torch.equal(b, o) for o in others)
+
+
+
+def test_strong_view_ignores_other_threads_global_generators(cfg32):
+    """Prefect's background threads draw from Python's global ``random``; a view must not depend on them."""
+    import random
+    import threading
+
+    strong = strong_transform(cfg32)
+    img = _photo()
+    quiet = [seeded_call(strong, img, view_seed(0, e, "key", 1)) for e in range(20)]
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            random.random()
+            np.random.random()
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        busy = [seeded_call(strong, img, view_seed(0, e, "key", 1)) for e in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(torch.equal(a, b) for a, b in zip(quiet, busy))
 
 
 def test_unknown_kind():

@@ -13,12 +13,10 @@ splitting) for the conventions followed here.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
 import random
-import threading
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +30,7 @@ from PIL import Image
 
 from pipeline.data.folders import list_class_tree
 from pipeline.data.sharding import sample_key, write_shards
+from pipeline.data.seeding import seeded_call, view_seed
 from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
@@ -106,49 +105,6 @@ def _decode(sample: dict, *, transform: Callable, with_labels: bool) -> tuple:
     if with_labels:
         return sample["__key__"], image, int(sample["cls"])
     return sample["__key__"], image
-
-
-# Seeded transforms draw from process-wide generators (Python's `random`, NumPy's legacy global state, torch's
-# default CPU generator), and stage items run in threads of one process: one seeded call at a time.
-_SEEDED_LOCK = threading.Lock()
-_AUGMENT_TAG = 0x61756720  # "aug ": keeps these seeds apart from the shuffle's (seed, epoch, worker) streams
-
-
-def view_seed(seed: int, epoch: int, key: str, view: int) -> np.random.SeedSequence:
-    """The seed of one (sample, view) draw: a function of (seed, epoch, sample key, view index) only, so
-    neither the loader's order nor its worker count changes an augmented image."""
-    key_int = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:16], "little")
-    return np.random.SeedSequence([_AUGMENT_TAG, seed, epoch, view, key_int])
-
-
-def seeded_call(transform: Callable, image: Any, seed: np.random.SeedSequence, *,
-                restore: bool = True) -> Any:
-    """``transform(image)`` with Python's ``random``, NumPy's global generator and torch's default CPU
-    generator seeded from ``seed``, under a process-wide lock. Only the CPU generator is touched
-    (``torch.manual_seed`` would reseed every CUDA device too).
-
-    ``restore=True`` puts the three generators back as they were afterwards, so a caller's own random
-    streams do not depend on whether the loader ran in its process. Loader workers pass False: nothing else
-    draws there, and saving NumPy's state is the costliest part of a call.
-
-    Reproducible as long as no other thread draws from these global generators while a transform runs;
-    loader workers (``num_workers > 0``) are separate processes, where nothing else draws.
-    """
-    words = seed.generate_state(3, dtype=np.uint64)
-    with _SEEDED_LOCK:
-        saved = None
-        if restore:
-            saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-        try:
-            random.seed(int(words[0]))
-            np.random.seed(words[1:2].view(np.uint32))
-            torch.default_generator.manual_seed(int(words[2]))
-            return transform(image)
-        finally:
-            if saved is not None:
-                random.setstate(saved[0])
-                np.random.set_state(saved[1])
-                torch.default_generator.set_state(saved[2])
 
 
 def _decode_views(sample: dict, *, views: tuple[Callable, ...], seed: int, epoch: int,

@@ -30,9 +30,10 @@ Kinds of :func:`train_transform` (``TRAIN_TRANSFORMS``):
 The CMKD resizes use torchvision's default interpolation, bilinear, as the original does (it does not pass
 one); the Dassl crop is bicubic, as in the CoOp-family configs (``INPUT.INTERPOLATION: bicubic``).
 
-All random draws come from Python's ``random``, NumPy's legacy global generator (timm's RandAugment) and
-torch's default CPU generator (torchvision): :func:`pipeline.data.shards.image_loader` seeds all three per
-sample and view when given ``views``, which makes these transforms reproducible.
+Random draws come from torch's default CPU generator (torchvision) and from the ``random`` and ``np.random``
+that timm's RandAugment module calls. :func:`pipeline.data.seeding.seeded_call` (used by :func:`pipeline.data.shards.image_loader`
+when given ``views``) seeds torch's generator per sample and view and hands timm's module private seeded
+generators, which makes these transforms reproducible. A new transform must draw from one of those two.
 """
 from __future__ import annotations
 
@@ -148,3 +149,4 @@ def strong_transform(preprocess_cfg: Mapping[str, Any], *, visda: bool = False) 
         T.ToTensor(),
         _normalize(preprocess_cfg),
     ])
+
