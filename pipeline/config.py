@@ -35,7 +35,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 MODEL = {"name": text(), "pretrained": text(optional=True, nullable=True),
          "precision": text(PRECISIONS, optional=True)}
-SGD = {"epochs": integer(1), "batch_size": integer(2), "lr": number(0.0), "momentum": number(0.0),
+LEARNING_RATE = number(0.0, exclusive_min=True)  # 0 would train nothing and still "succeed"
+SGD = {"epochs": integer(1), "batch_size": integer(2), "lr": LEARNING_RATE, "momentum": number(0.0),
        "weight_decay": number(0.0)}
 
 
@@ -76,7 +77,7 @@ SCHEMA: dict[str, Any] = {
     "tasks": DictOf({"dataset": text(), "source": text(), "target": text()}),
     "model": {"cache_dir": text(nullable=True), "teacher": MODEL, "student": MODEL},
     "standins": {"models": DictOf(text(), min_len=0), "dataset": text(), "domains": text_list(),
-                 "templates": text_list(is_template=True), "epochs": integer(1), "batch_size": integer(2), "lr": number(0.0)},
+                 "templates": text_list(is_template=True), "epochs": integer(1), "batch_size": integer(2), "lr": LEARNING_RATE},
     "prompts": {**SGD, "augment": text(TRAIN_TRANSFORMS, default="dassl"), "template": template(), "n_ctx": integer(0), "init": text(PROMPT_INITS),
                 "class_specific": boolean(), "visual_tokens": integer(0), "visual_location": text(LOCATIONS),
                 "text_weight": number(0.0), "image_weight": number(0.0), "kl_weight": number(0.0),
@@ -183,11 +184,17 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {path} not found (run from the project root or pass --params)")
-    with open(path, encoding="utf-8") as fh:
-        try:
-            params = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: an editor's byte-order mark is not a key
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return validate_params(params, source=str(path))
 
 

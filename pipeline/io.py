@@ -19,19 +19,66 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, *, is_dir: bool) -> Path:
+    # The writer's pid is part of the name, so a later run can tell a killed writer's leftovers from a live
+    # writer's work in progress (remove_stale_temporaries).
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp-"
+    prefix = f".{path.name}.tmp-{os.getpid()}-"
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-    os.close(fd)
-    return Path(name)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        mode = 0o777
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+        os.close(fd)
+        tmp, mode = Path(name), 0o666
+    os.chmod(tmp, mode & ~_umask())  # mkdtemp/mkstemp make 0700/0600: outputs must be readable as usual
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (``.<name>.tmp-<pid>-*``, ``.<name>.old-<pid>``) left by
+    writers that no longer run (killed with -9, or a machine that went down); return what was removed.
+
+    A live writer's temporaries are left alone. Pids are only meaningful on this machine: on a filesystem
+    shared between machines, two writers of one output must not run at once anyway (the stage lock).
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for leftover in path.parent.glob(f".{path.name}.{kind}-*"):
+            pid = leftover.name[len(f".{path.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place atomically."""
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place atomically (after
+    removing the temporaries of ``path`` that a killed writer left)."""
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path, is_dir=False)
     try:
         write(tmp)
@@ -95,9 +142,11 @@ def read_json(path: str | os.PathLike) -> Any:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``path`` as a whole, on error it is removed.
 
-    The old content of ``path`` (if any) is kept until the new folder is complete.
+    The old content of ``path`` (if any) is kept until the new folder is complete. Temporaries of ``path``
+    left by a killed writer are removed first.
     """
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path, is_dir=True)
     try:
         yield tmp

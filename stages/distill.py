@@ -8,6 +8,8 @@ collapse or divergence leaves it in place.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -16,7 +18,7 @@ from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods import METHODS
 from pipeline.methods.base import TaskJob
 from pipeline.models.factory import load_model
-from pipeline.orchestration.stage import checked_model_spec, record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import checked_model_spec, entry, record_run, run_stage_items, start, task_label
 
 STAGE = "distill"
 
@@ -52,4 +54,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

@@ -6,6 +6,7 @@ separately and labelled as selected on target labels (oracle).
 """
 from __future__ import annotations
 
+import sys
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from pipeline.data.benchmarks import headline_metric
 from pipeline.data.shards import read_labels
 from pipeline.evaluation.metrics import classification_metrics, epoch_summary
 from pipeline.io import atomic_dir, atomic_write_json, read_json
-from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir, start, task_label
+from pipeline.orchestration.stage import entry, record_run, run_stage_items, shard_dir, start, task_label
 
 STAGE = "evaluate"
 PROTOCOL = "transductive UDA: the student trains on all (unlabelled) target images and is tested on them"
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

@@ -10,6 +10,8 @@ No labels are read here. File names and contents: :mod:`pipeline.artifacts`.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 
@@ -21,7 +23,7 @@ from pipeline.features.cache import (build_index, encode_images, encode_shards, 
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json
 from pipeline.methods.shared import build_teacher
 from pipeline.models.factory import assert_same_identity, load_model
-from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
+from pipeline.orchestration.stage import (checked_model_spec, entry, record_run, run_stage_items, shard_dir,
                                           start, task_label)
 
 STAGE = "features"
@@ -92,4 +94,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

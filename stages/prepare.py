@@ -1,9 +1,11 @@
 """Stage ``prepare``: build the bundled digits domains as image-folder trees under ``paths.raw``."""
 from __future__ import annotations
 
+import sys
+
 from pipeline.data.digits import build_domain
 from pipeline.io import atomic_dir
-from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import entry, record_run, run_stage_items, start, task_label
 
 STAGE = "prepare"
 
@@ -24,4 +26,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

@@ -6,6 +6,8 @@ prompt aggregation; see :mod:`pipeline.methods.source_prompts`.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from pipeline.artifacts import Artifacts
@@ -16,7 +18,7 @@ from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods.shared import TEACHER_KEYS
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
-from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
+from pipeline.orchestration.stage import (checked_model_spec, entry, record_run, run_stage_items, shard_dir,
                                           start, task_label)
 
 STAGE = "prompts"
@@ -55,4 +57,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

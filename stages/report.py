@@ -1,12 +1,13 @@
 """Stage ``report``: one results table (JSON for ``dvc metrics``, Markdown) and the plots."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from pipeline.artifacts import Artifacts
 from pipeline.evaluation.report import build_report
 from pipeline.io import atomic_dir, read_json
-from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import entry, record_run, run_stage_items, start, task_label
 
 STAGE = "report"
 
@@ -25,4 +26,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

@@ -8,6 +8,7 @@ before any work.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from pipeline.data.benchmarks import dataset_classes, domain_samples, expected_count, root_of
@@ -15,7 +16,7 @@ from pipeline.data.classlists import load_classlist
 from pipeline.data.folders import list_class_tree
 from pipeline.data.sharding import write_shards
 from pipeline.io import atomic_dir
-from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import entry, record_run, run_stage_items, start, task_label
 
 STAGE = "shard"
 
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

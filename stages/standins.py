@@ -4,11 +4,13 @@ Only the offline smoke configuration names any; with real weights this stage wri
 """
 from __future__ import annotations
 
+import sys
+
 from pipeline.data.shards import shard_classes
 from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.models.factory import save_local_dir
 from pipeline.models.standins import pretrain_standin
-from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir, start, task_label
+from pipeline.orchestration.stage import entry, record_run, run_stage_items, shard_dir, start, task_label
 
 STAGE = "standins"
 
@@ -33,4 +35,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry(STAGE, main))

@@ -83,3 +83,22 @@ def copy_without_labels(shards, dst):
     for extra in ("manifest.json", "sizes.json"):
         (dst / extra).write_bytes((shards / extra).read_bytes())
     return dst
+
+
+# --- The smoke project: `dvc repro` of the smoke configuration, built once per session (minutes) and copied
+# by every test that changes it (copies are real copies: a test may damage files in place).
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory):
+    from pipeline.smoke import run_smoke
+
+    workdir = tmp_path_factory.mktemp("smoke-baseline") / "project"
+    run_smoke(workdir)
+    return workdir
+
+
+def copy_project(src, dst):
+    """A full copy of a smoke project (workspace, git repository and DVC cache)."""
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

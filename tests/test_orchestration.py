@@ -89,18 +89,47 @@ def test_transient_error_is_retried_and_names_are_set():
     assert results["steady"][2] == 2
 
 
-def test_deterministic_error_is_not_retried_and_is_reported():
+def test_deterministic_error_is_not_retried_is_reported_and_stops_the_items_not_started():
     attempts: dict = {}
     fail = lambda name, attempt: ValueError("bad config value") if name == "broken" else None
     with pytest.raises(StageError) as info:
-        run_items("distill", {"broken": 1, "fine": 2}, counting_work(attempts, fail),
+        run_items("distill", {"done": 0, "broken": 1, "fine": 2, "also": 3}, counting_work(attempts, fail),
                   devices=["cpu"], retry_delay_s=0)
 
-    assert attempts == {"broken": 1, "fine": 1}
+    # One CPU slot: items run in order; after the failure the two waiting items are not started (fail fast).
+    assert attempts == {"done": 1, "broken": 1}
     message = str(info.value)
-    assert "distill" in message and "broken" in message and "bad config value" in message
-    assert "fine" not in message
-    assert isinstance(info.value.failures["broken"], ValueError)
+    assert "distill" in message and "broken: ValueError: bad config value" in message
+    assert "not run: fine, also" in message and "done" not in message
+    assert isinstance(info.value.failures["broken"], ValueError) and info.value.not_run == ["fine", "also"]
+
+
+def test_a_transient_failure_being_retried_does_not_stop_other_items():
+    attempts: dict = {}
+    fail = lambda name, attempt: TransientError("busy") if name == "first" and attempt == 1 else None
+    results = run_items("distill", {"first": 0, "second": 1}, counting_work(attempts, fail), devices=["cpu"],
+                        retry_delay_s=0)
+    assert set(results) == {"first", "second"} and attempts == {"first": 2, "second": 1}
+
+
+def test_a_stop_request_cancels_the_running_item_at_its_next_step():
+    from pipeline.progress import Cancelled, clear_stop, progress, request_stop
+
+    steps = []
+
+    def work(name, item, device):
+        for i in progress(range(1000), desc=name):
+            steps.append(i)
+            if i == 3:
+                request_stop()  # as the stage's Ctrl-C handler does, from another thread in real life
+            time.sleep(0.001)
+
+    try:
+        with pytest.raises(Cancelled, match="were stopped"):
+            run_items("distill", {"long": 0, "next": 1}, work, devices=["cpu"], retry_delay_s=0)
+    finally:
+        clear_stop()
+    assert steps == [0, 1, 2, 3]  # stopped at the next step, and "next" never ran
 
 
 def test_transient_error_gives_up_after_the_retries():

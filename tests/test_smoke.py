@@ -14,17 +14,17 @@ import re
 
 import pytest
 
-from pipeline.smoke import dvc, run_smoke
+from conftest import copy_project
+from pipeline.smoke import dvc
 
 pytestmark = pytest.mark.slow
 CHANCE = 10.0
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("smoke") / "project"
-    results = run_smoke(workdir)
-    return workdir, json.loads((results / "results.json").read_text())
+def smoke(smoke_project, tmp_path_factory):
+    workdir = copy_project(smoke_project, tmp_path_factory.mktemp("smoke") / "project")  # these tests change it
+    return workdir, json.loads((workdir / "results" / "report" / "results.json").read_text())
 
 
 def _stages_run(output: str) -> list[str]:

@@ -46,7 +46,7 @@ PARAMS = Block({
     "n_ctx": integer(1, default=4),           # teacher text context tokens
     "init": text(PROMPT_INITS, default="random"),  # the original's N(0, 0.02) overwrite of the init words
     "visual_tokens": integer(1, default=4),   # teacher shallow visual prompts (after the class token)
-    "teacher_lr": number(0.0, default=0.005),
+    "teacher_lr": number(0.0, exclusive_min=True, default=0.005),
     "text_weight": number(0.0, default=25.0),  # PromptSRC-style regulariser of the teacher step
     "image_weight": number(0.0, default=10.0),
     "kl_weight": number(0.0, default=1.0),

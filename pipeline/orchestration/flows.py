@@ -2,11 +2,13 @@
 transient failures only.
 
 No Prefect result caching: DVC's lock and run-cache already decide what re-runs, and two caches
-would disagree. Prefect runs ephemerally unless ``PREFECT_API_URL`` is set.
+would disagree. Without ``PREFECT_API_URL`` the flow reports to a temporary server tied to the stage
+process (:mod:`pipeline.orchestration.server`).
 """
 from __future__ import annotations
 
 import errno
+import threading
 from typing import Any, Callable
 
 import pipeline  # noqa: F401  (environment defaults and the torchvision guard before torch)
@@ -14,12 +16,14 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.types.names import BANNED_CHARACTERS
 
 from pipeline.orchestration.devices import DeviceSlots, visible_devices
+from pipeline.orchestration.server import prefect_api
+from pipeline.progress import Cancelled
 
 # Errnos that say "try again later" rather than "this will never work". ENOSPC is left out on
 # purpose: a full disk stays full, and retrying only burns time before the same failure.
@@ -30,14 +34,21 @@ class TransientError(RuntimeError):
     """Raise (or ``raise TransientError(...) from exc``) for a failure worth retrying."""
 
 
-class StageError(RuntimeError):
-    """One or more items of a stage failed for good; `failures` maps item name to its exception."""
+class NotStarted(RuntimeError):
+    """An item that was not started because another item of the stage had failed for good (fail fast)."""
 
-    def __init__(self, stage: str, failures: dict[str, BaseException]):
+
+class StageError(RuntimeError):
+    """One or more items of a stage failed for good; `failures` maps item name to its exception (items
+    cancelled or not started because of them are listed in `not_run`)."""
+
+    def __init__(self, stage: str, failures: dict[str, BaseException], not_run: list[str] | None = None):
         self.stage = stage
         self.failures = failures
+        self.not_run = list(not_run or [])
         details = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in failures.items())
-        super().__init__(f"stage {stage!r}: {len(failures)} item(s) failed: {details}")
+        skipped = f" (not run: {', '.join(self.not_run)})" if self.not_run else ""
+        super().__init__(f"stage {stage!r}: {len(failures)} item(s) failed: {details}{skipped}")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -87,24 +98,30 @@ def run_items(
     """Run ``work(item_name, item, device)`` for every item in a Prefect flow named `stage`.
 
     Items run concurrently, at most one per device. Transient failures (`is_transient`) are retried
-    `retries` times, `retry_delay_s` apart; anything else fails at once. If any item fails for good,
+    `retries` times, `retry_delay_s` apart; anything else fails at once, and then the items not yet started
+    are not started (fail fast; running ones finish, so their work is kept). If any item fails for good,
     raises `StageError` naming the stage, the items and their errors. Returns {item_name: result}.
     """
     devices = list(devices) if devices is not None else visible_devices("auto")
     slots = DeviceSlots(devices)
     if not items:
         return {}  # nothing to do: don't pay for a (possibly ephemeral) Prefect server start
+    failed_for_good = threading.Event()
 
     def run_item(item_name: str) -> Any:
         logger = get_run_logger()
         # The slot is taken per attempt, so an item waiting out a retry delay holds no device.
         with slots.acquire() as device:
+            if failed_for_good.is_set():
+                raise NotStarted(f"not started: another item of stage {stage!r} failed")
             logger.info("stage %s: item %s on %s", stage, item_name, device)
             try:
                 return work(item_name, items[item_name], device)
-            except BaseException:
+            except BaseException as exc:
                 if device.startswith("cuda"):  # give a retry (e.g. after CUDA OOM) the memory back
                     torch.cuda.empty_cache()
+                if not is_transient(exc) or task_run.run_count > retries:
+                    failed_for_good.set()
                 raise
 
     # Items stay in this closure, never in Prefect parameters: they need not be JSON-serialisable.
@@ -134,14 +151,20 @@ def run_items(
         wait(list(futures.values()))
         results: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
+        not_run: list[str] = []
         for name, future in futures.items():
             try:
                 results[name] = future.result()
+            except (NotStarted, Cancelled):
+                not_run.append(name)
             except Exception as exc:  # collect every failure, so one report names them all
                 failures[name] = exc
         if failures:
-            raise StageError(stage, failures) from next(iter(failures.values()))
+            raise StageError(stage, failures, not_run) from next(iter(failures.values()))
+        if not_run:  # cancelled (interrupt) with no failure of their own
+            raise Cancelled(f"stage {stage!r}: items {', '.join(not_run)} were stopped")
         logger.info("stage %s: %d item(s) done", stage, len(results))
         return results
 
-    return stage_flow()
+    with prefect_api():
+        return stage_flow()

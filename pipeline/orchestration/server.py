@@ -1,0 +1,107 @@
+"""The Prefect API a stage reports to: the user's server, or a temporary one tied to the stage process.
+
+With ``PREFECT_API_URL`` set, flows report there. Otherwise Prefect itself would start a temporary
+("ephemeral") server in a subprocess that (a) sits in the terminal's process group, so Ctrl-C kills it
+before the stage has finished logging (connection tracebacks), (b) outlives a stage killed with -9
+(~200 MB orphaned), and (c) must answer within 20 s, which a busy 2-core machine misses. This module
+starts Prefect's own temporary server class instead, in a session of its own, with Linux's parent-death
+signal set so the kernel stops it when the stage process dies however it dies, and with a longer startup
+wait; it drains the log and event workers before stopping it.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import socket
+import subprocess
+import sys
+import threading
+import types
+from typing import Iterator
+
+import prefect.server.api.server as prefect_server
+from prefect.events.worker import EventsWorker
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+                              temporary_settings)
+from prefect.utilities.asyncutils import run_coro_as_sync
+
+#: Seconds to wait for the temporary server; Prefect's 20 s default times out on a busy 2-core machine.
+STARTUP_TIMEOUT_S = 120
+
+# Runs in the server's process before uvicorn: ask the kernel for SIGTERM when the parent dies
+# (prctl PR_SET_PDEATHSIG = 1; kept across exec), then become uvicorn. If the parent died before the
+# request took effect, stop at once. Elsewhere than Linux there is no prctl and the server is stopped
+# only by the normal exit path.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+except (AttributeError, OSError):
+    pass
+if os.getppid() != parent:
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+_START_LOCK = threading.Lock()
+
+
+def _tied_popen(args, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` for the server: own session (a terminal's Ctrl-C reaches only the stage, which
+    then stops the server itself) and the launcher above in front of Prefect's own command line."""
+    return subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(os.getpid()), *args[1:]],
+                            start_new_session=True, **kwargs)
+
+
+class _TiedServer(prefect_server.SubprocessASGIServer):
+    """Prefect's temporary server; only the way its process starts differs."""
+
+    def _run_uvicorn_command(self) -> subprocess.Popen:
+        # Prefect's server module calls `subprocess.Popen(args=[sys.executable, "-m", "uvicorn", ...], env=...)`:
+        # the name `subprocess` is rebound in that module only, for this call, under a lock.
+        saved = prefect_server.subprocess
+        prefect_server.subprocess = types.SimpleNamespace(Popen=_tied_popen)
+        try:
+            return super()._run_uvicorn_command()
+        finally:
+            prefect_server.subprocess = saved
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _drain_workers() -> None:
+    # As prefect.testing.utilities.prefect_test_harness does: send queued logs and events while the
+    # server still listens, so nothing is lost and nothing prints connection errors at exit.
+    async def drain() -> None:
+        for result in (APILogWorker.drain_all(), EventsWorker.drain_all()):
+            if inspect.isawaitable(result):
+                await result
+
+    with contextlib.suppress(RuntimeError):
+        run_coro_as_sync(drain())
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[str]:
+    """Yield the API URL the block's flows report to, starting (and at the end stopping) a temporary
+    server tied to this process when ``PREFECT_API_URL`` is not set."""
+    url = PREFECT_API_URL.value()
+    if url:
+        yield url
+        return
+    with _START_LOCK:
+        server = _TiedServer(port=_free_port())
+        server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+            _drain_workers()
+    finally:
+        server.stop()
