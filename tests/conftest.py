@@ -89,8 +89,15 @@ def copy_without_labels(shards, dst):
 # by every test that changes it (copies are real copies: a test may damage files in place).
 @pytest.fixture(scope="session")
 def smoke_project(tmp_path_factory):
+    """The finished smoke project. UDA_DISTILL_SMOKE_PROJECT=<folder> reuses one built by `uda-distill smoke
+    --workdir <folder>` with the same code (a developer's shortcut while iterating on slow tests)."""
+    import os
+    from pathlib import Path
+
     from pipeline.smoke import run_smoke
 
+    if os.environ.get("UDA_DISTILL_SMOKE_PROJECT"):
+        return Path(os.environ["UDA_DISTILL_SMOKE_PROJECT"])
     workdir = tmp_path_factory.mktemp("smoke-baseline") / "project"
     run_smoke(workdir)
     return workdir

@@ -3,7 +3,7 @@
 A module missing there means DVC would not re-run the stage when that code changes, and a cached result would
 silently stand for code that no longer produces it. Imports are read statically (``ast``), including imports
 inside functions. Modules that do not shape results are not followed: run plumbing (orchestration, atomic
-I/O, the params loader and schema language, the CLI) and the package's import-time setup.
+I/O, the params loader and schema language, the CLI, progress bars) and the package's import-time setup.
 """
 import ast
 from pathlib import Path
@@ -13,6 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RESULT_SHAPING = ("pipeline/__init__.py", "pipeline/_torchvision_guard.py", "pipeline/io.py",
                       "pipeline/config.py", "pipeline/schema.py", "pipeline/cli.py", "pipeline/smoke.py",
+                      "pipeline/progress.py",
                       "pipeline/orchestration/")
 
 

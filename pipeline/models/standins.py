@@ -16,11 +16,11 @@ from typing import Any
 import open_clip
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import image_loader
 from pipeline.methods.training import seeded
+from pipeline.progress import progress
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def pretrain_standin(*, arch: str, shard_dirs: list[Path], classnames: list[str]
     classes = torch.arange(len(names), device=device)
     log = []
     model.train()
-    for epoch in tqdm(range(1, epochs + 1), desc=f"stand-in {arch}", unit="epoch"):
+    for epoch in progress(range(1, epochs + 1), desc=f"stand-in {arch}", unit="epoch"):
         start, total, correct = time.perf_counter(), 0.0, 0
         order = torch.randperm(len(labels), generator=gen)
         for i in range(0, len(order), batch_size):

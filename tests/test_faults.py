@@ -1,0 +1,396 @@
+"""The reliability suite: one fault at a time injected into a copy of a finished smoke project.
+
+Each fault asserts the exit status, that the one-line message names the key, file or value at fault, and
+that the last good outputs are intact. Params, data and checkpoint faults run the stage in this process
+through the same entry point as ``python -m stages.<name>`` (seconds each); signals, kills, resume and two
+writers use real stage processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import copy_project
+from pipeline.orchestration.stage import entry
+from pipeline.progress import clear_stop
+from pipeline.smoke import dvc, smoke_env
+
+pytestmark = pytest.mark.slow
+
+STUDENTS = "models/students"
+
+
+@pytest.fixture
+def project(smoke_project, tmp_path):
+    return copy_project(smoke_project, tmp_path / "project")
+
+
+def digest(root: Path, *folders: str) -> str:
+    """One hash over every file (path and bytes) under ``folders``: equal means untouched."""
+    h = hashlib.sha256()
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*")):
+            if path.is_file():
+                h.update(str(path.relative_to(root)).encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def edit_params(project: Path, edit) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    edit(params)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_in_process(project: Path, stage: str, monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """``python -m stages.<stage>`` in this process: (exit status, stderr)."""
+    monkeypatch.chdir(project)
+    module = importlib.import_module(f"stages.{stage}")
+    capsys.readouterr()
+    try:
+        status = entry(stage, module.main, list(args))
+    finally:
+        clear_stop()
+    return status, capsys.readouterr().err
+
+
+def stage_process(project: Path, stage: str, *args: str) -> subprocess.Popen:
+    env = {**smoke_env(project), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", f"stages.{stage}", *args], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+# ------------------------------------------------------------------------------------------- params
+
+def _set(path: str, value):
+    def edit(params):
+        node = params
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return edit
+
+
+def _drop(path: str):
+    def edit(params):
+        node = params
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node[part]
+        del node[last]
+    return edit
+
+
+PARAM_FAULTS = {
+    "lr zero": (_set("distill.lr", 0), r"distill\.lr: expected a number > 0"),
+    "unknown top-level key": (_set("distil", {"epochs": 3}), r"distil"),
+    "misspelt key": (_set("distill.epoch", 3), r"distill\.epoch"),
+    "missing key": (_drop("distill.batch_size"), r"distill\.batch_size"),
+    "wrong type": (_set("distill.epochs", "five"), r"distill\.epochs.*'five'"),
+    "unknown method": (_set("distill.method", "kdd"), r"distill\.method.*'kdd'"),
+    "unknown loss": (_set("distill.promptkd.loss.name", "kll"), r"distill\.promptkd\.loss\.name.*'kll'"),
+    "unknown device policy": (_set("runtime.device", "tpu"), r"runtime\.device.*'tpu'"),
+    "negative seed": (_set("seed", -1), r"seed.*-1"),
+    "template without a slot": (_set("prompts.template", "a photo"), r"prompts\.template"),
+    "task on an unknown domain": (_set("tasks.usps_to_mnist.target", "svhn"), r"svhn"),
+    "collapse fraction zero": (_set("distill.collapse_fraction", 0), r"distill\.collapse_fraction"),
+}
+
+
+@pytest.mark.parametrize("fault", PARAM_FAULTS)
+def test_params_fault_stops_before_any_output_changes(project, monkeypatch, capsys, fault):
+    edit, message = PARAM_FAULTS[fault]
+    before = digest(project, "models", "data/features", "results")
+    edit_params(project, edit)
+    status, err = run_in_process(project, "validate", monkeypatch, capsys)
+    assert status == 1
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert digest(project, "models", "data/features", "results") == before
+
+
+def test_params_file_not_utf8_or_not_yaml(project, monkeypatch, capsys):
+    (project / "params.yaml").write_bytes(b"seed: 1\nname: caf\xe9\n")
+    status, err = run_in_process(project, "validate", monkeypatch, capsys)
+    assert status == 1 and "params.yaml: not UTF-8 text (byte 17" in err and "Traceback" not in err
+    (project / "params.yaml").write_text("seed: [1\n")
+    status, err = run_in_process(project, "validate", monkeypatch, capsys)
+    assert status == 1 and "params.yaml: not valid YAML" in err
+
+
+def test_missing_params_file(project, monkeypatch, capsys):
+    status, err = run_in_process(project, "distill", monkeypatch, capsys, "--params", "nope.yaml")
+    assert status == 1 and "params file nope.yaml not found" in err
+
+
+@pytest.mark.parametrize("fault", ["lr zero", "unknown top-level key"])
+def test_dvc_repro_stops_at_validate_and_keeps_the_outputs(project, fault):
+    edit, message = PARAM_FAULTS[fault]
+    before = digest(project, "models", "data", "results")
+    edit_params(project, edit)
+    with pytest.raises(RuntimeError) as info:
+        dvc(["repro"], workdir=project)
+    out = str(info.value)
+    assert re.search(message, out) and "Running stage 'validate'" in out
+    assert "Running stage 'distill'" not in out and "Running stage 'prompts'" not in out
+    assert digest(project, "models", "data", "results") == before
+
+
+# --------------------------------------------------------------------------------------- data
+
+def _first_shard(project: Path, domain: str = "mnist") -> Path:
+    return sorted((project / "data" / "shards" / "digits" / domain).glob("*.tar"))[0]
+
+
+def _truncate_at_member(tar_path: Path, keep: int) -> None:
+    """Cut the tar after its first ``keep`` members (a 512-byte sample boundary, as a copy cut short)."""
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    cut = members[keep].offset
+    with open(tar_path, "r+b") as fh:
+        fh.truncate(cut)
+
+
+def _append_member(tar_path: Path, name: str, data: bytes) -> None:
+    raw = tar_path.read_bytes()
+    with tarfile.open(fileobj=__import__("io").BytesIO(raw)) as tar:
+        members = tar.getmembers()
+    end = members[-1].offset_data + ((members[-1].size + 511) // 512) * 512
+    import io
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tar_path.write_bytes(raw[:end] + buf.getvalue())
+
+
+DATA_FAULTS = {
+    "shard cut at a sample boundary": (
+        lambda p: _truncate_at_member(_first_shard(p), keep=40), "features", r"00000\d\.tar"),
+    "member appended to a shard": (
+        lambda p: _append_member(_first_shard(p), "extra_sample.jpg", b"\xff\xd8not a jpeg"), "features",
+        r"00000\d\.tar"),
+    "shard manifest removed": (
+        lambda p: (p / "data/shards/digits/mnist/manifest.json").unlink(), "features", r"manifest\.json"),
+    "shard removed": (lambda p: _first_shard(p).unlink(), "features", r"00000\d\.tar"),
+}
+
+
+@pytest.mark.parametrize("fault", DATA_FAULTS)
+def test_data_fault_names_the_file_and_keeps_outputs(project, monkeypatch, capsys, fault):
+    damage, stage, message = DATA_FAULTS[fault]
+    before = digest(project, "data/features", "models/students", "results")
+    damage(project)
+    status, err = run_in_process(project, stage, monkeypatch, capsys)
+    assert status == 1, err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    assert digest(project, "data/features", "models/students", "results") == before
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a checkpoint" * 8}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_corrupt_student_checkpoint_names_the_file(project, monkeypatch, capsys, how):
+    checkpoint = next((project / STUDENTS / "usps_to_mnist").glob("*.pt"))
+    before = digest(project, "results")
+    _corrupt(checkpoint, how)
+    status, err = run_in_process(project, "evaluate", monkeypatch, capsys)
+    assert status == 1, err
+    assert checkpoint.name in err and "weights_only=False" not in err and "Traceback" not in err
+    assert digest(project, "results") == before
+
+
+def test_corrupt_prompt_checkpoint_names_the_file(project, monkeypatch, capsys):
+    checkpoint = next((project / "models" / "prompts").rglob("*.pt"))
+    before = digest(project, "data/features")
+    _corrupt(checkpoint, "truncated")
+    status, err = run_in_process(project, "features", monkeypatch, capsys)
+    assert status == 1, err
+    assert checkpoint.name in err and "weights_only=False" not in err
+    assert digest(project, "data/features") == before
+
+
+def test_missing_teacher_weights_name_the_model(project, monkeypatch, capsys):
+    edit_params(project, _set("model.teacher.name", "local-dir:models/standins/nowhere"))
+    before = digest(project, "data/features")
+    status, err = run_in_process(project, "features", monkeypatch, capsys)
+    assert status == 1 and "models/standins/nowhere" in err and "Traceback" not in err
+    assert digest(project, "data/features") == before
+
+
+# --------------------------------------------------------------------------------- training guards
+
+def test_divergence_is_one_message_and_keeps_outputs(project, monkeypatch, capsys):
+    edit_params(project, _set("distill.lr", 1e30))
+    before = digest(project, STUDENTS)
+    status, err = run_in_process(project, "distill", monkeypatch, capsys)
+    assert status == 1 and "diverged" in err and "Traceback" not in err
+    assert "not run because of the failure: mnist_to_usps" in err  # fail fast: the second task never started
+    assert digest(project, STUDENTS) == before
+
+
+def test_collapse_is_one_message_and_keeps_outputs(project, monkeypatch, capsys):
+    edit_params(project, _set("distill.collapse_fraction", 0.101))  # ten classes: any imbalance is "collapse"
+    before = digest(project, STUDENTS)
+    status, err = run_in_process(project, "distill", monkeypatch, capsys)
+    assert status == 1 and "distill.collapse_fraction=0.101" in err and "Traceback" not in err
+    assert digest(project, STUDENTS) == before
+
+
+# ----------------------------------------------------------------------------- signals and writers
+
+def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> str:
+    """Read the process's output until a line matches ``pattern``; return what was read."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)[-3000:]}")
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _gone(pids: list[int], timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(_alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_stops_within_seconds_and_leaves_nothing_behind(project, sig, status):
+    before = digest(project, STUDENTS)
+    proc = stage_process(project, "distill")
+    _wait_for(proc, r"epoch 1")
+    helpers = _descendants(proc.pid)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    out = proc.stdout.read()
+    proc.wait(timeout=60)
+    elapsed = time.monotonic() - sent
+    print(f"{signal.Signals(sig).name}: exit {proc.returncode} after {elapsed:.1f} s")
+    assert proc.returncode == status, out
+    assert elapsed < 15, f"took {elapsed:.1f} s to stop"
+    assert f"distill: interrupted ({signal.Signals(sig).name})" in out
+    assert "Traceback" not in out
+    assert _gone(helpers), "a helper process (the temporary Prefect server?) outlived the stage"
+    assert digest(project, STUDENTS) == before
+    assert not list((project / "models").glob(".students.tmp-*"))
+
+
+def test_kill_9_leaves_no_process_and_the_next_run_cleans_up(project):
+    proc = stage_process(project, "distill")
+    _wait_for(proc, r"epoch 1")
+    helpers = _descendants(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert _gone(helpers), "the temporary Prefect server outlived a kill -9 of its stage"
+    assert list((project / "models").glob(".students.tmp-*"))  # what the killed writer left
+    again = stage_process(project, "distill")
+    out = again.stdout.read()
+    assert again.wait() == 0, out
+    assert not list((project / "models").glob(".students.tmp-*"))
+
+
+def test_a_second_writer_is_refused(project):
+    first = stage_process(project, "distill")
+    _wait_for(first, r"epoch 1")
+    second = stage_process(project, "distill")
+    out = second.stdout.read()
+    try:
+        assert second.wait(timeout=120) == 1
+        assert re.search(rf"stage distill is already running in this workspace \(pid {first.pid}", out), out
+    finally:
+        first.kill()
+        first.wait()
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+def _predictions(project: Path, task: str) -> dict[str, np.ndarray]:
+    folder = project / STUDENTS / task
+    out = {}
+    for path in sorted(folder.glob("*.np[yz]")):
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            out[path.name] = loaded
+        else:
+            out.update({f"{path.name}:{k}": loaded[k] for k in loaded.files})
+    return out
+
+
+def _log_without_times(path: Path) -> dict:
+    log = json.loads(path.read_text())
+    for entry in log.get("epochs", []):
+        entry.pop("seconds", None)
+    return log
+
+
+@pytest.mark.parametrize("stage, kill_after, outputs", [
+    ("distill", r"epoch 3", STUDENTS),
+    ("prompts", r"epoch 8", "models/prompts"),
+])
+def test_kill_9_then_rerun_resumes_and_gives_identical_results(project, smoke_project, stage, kill_after, outputs):
+    full = stage_process(project, stage)  # the uninterrupted timing, on this machine now
+    started = time.monotonic()
+    assert full.wait() == 0
+    full_s = time.monotonic() - started
+    reference = digest(project, outputs)
+    proc = stage_process(project, stage)
+    _wait_for(proc, kill_after)
+    proc.kill()
+    proc.wait()
+    again = stage_process(project, stage)
+    started = time.monotonic()
+    out = again.stdout.read()
+    assert again.wait() == 0, out
+    resumed_s = time.monotonic() - started
+    print(f"{stage}: uninterrupted {full_s:.1f} s, resumed run {resumed_s:.1f} s")
+    assert re.search(r"resum", out, re.IGNORECASE), out
+    assert digest(project, outputs) == reference
