@@ -84,6 +84,11 @@ def read_manifest(shard_dir: Path) -> dict:
     return read_json(path)
 
 
+def shard_keys(shard_dir: Path) -> list[str]:
+    """Every sample key of a shard folder, in shard order: the row order cached features must have."""
+    return list(read_manifest(shard_dir)["keys"])
+
+
 def shard_plan(shard_dir: Path) -> dict[str, list[str]]:
     """``{shard file name: its sample keys in written order}`` from the manifest, in shard order.
 
