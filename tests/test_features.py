@@ -26,6 +26,9 @@ def test_image_features_are_normalised_and_keyed(tiny, digits_shards):
     keys, feats = encode_images(tiny, digits_shards["mnist"], batch_size=16, device="cpu")
     assert keys == read_manifest(digits_shards["mnist"])["keys"] and feats.shape == (60, 64)
     assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5) and feats.dtype == np.float32
+    # workers interleave batches of their shards (3 here); the rows still come in manifest key order
+    keys2, feats2 = encode_images(tiny, digits_shards["mnist"], batch_size=16, device="cpu", num_workers=2)
+    assert keys2 == keys and np.allclose(feats2, feats, atol=1e-6)
 
 
 def test_zero_shot_vectors_average_templates(tiny):
