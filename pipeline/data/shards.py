@@ -240,7 +240,9 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
     ``shuffle=True``: shard order and a ~1000-sample buffer are shuffled, before decoding, from
     (seed, epoch); build a new loader per epoch. ``shuffle=False``: shard order, then written order
     (exactly the manifest key order with ``num_workers <= 1``; workers interleave whole batches).
-    Without labels the ``.cls`` members are never even read from the tars.
+    Without labels the ``.cls`` members are never even read from the tars. Each worker checks every shard
+    it reads against the manifest before shuffling (:func:`checked_keys`): a mismatch raises
+    :class:`ShardIntegrityError` in the caller.
     """
     if (transform is None) == (views is None):
         raise ValueError("image_loader: give exactly one of transform (eval) and views (seeded training "
