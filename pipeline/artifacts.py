@@ -11,10 +11,16 @@ temporary folder (writers, see :func:`pipeline.io.atomic_dir`)::
     paths.distill/<task>/                       StudentOutput: student.pt, predictions.npy, keys.json, ...
     paths.evaluate/<task>/metrics.json          EvaluateOutput
     paths.checkpoints/<stage>/<task>/last_good.pt   (kept when a run stops; not a DVC output)
+
+Cached rows (features, logits, predictions) are only meaningful in the key order they were computed in,
+so the features stage records those keys (``keys.json`` per domain, a digest per side in the task's
+``meta.json``) and readers compare them with the keys the shards hold now: a re-sharded domain under an
+old cache stops with :class:`StaleCacheError` instead of pairing images with another image's features.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,30 @@ import numpy as np
 from pipeline.io import atomic_save_npy, atomic_savez, atomic_write_json, read_json
 
 SIDES = ("source", "target")
+REBUILD = "re-run the features stage: `dvc repro -f -s features`"
+
+
+class StaleCacheError(ValueError):
+    """A cached file was computed for other samples (keys) than the shards now hold."""
+
+
+def keys_digest(keys: list[str]) -> dict[str, Any]:
+    """The count and sha256 of a key list in order: what the task meta records per side."""
+    return {"n": len(keys), "sha256": hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()}
+
+
+def _first_difference(found: list[str], expected: list[str]) -> str:
+    i = next((i for i, (a, b) in enumerate(zip(found, expected)) if a != b), min(len(found), len(expected)))
+    if i < min(len(found), len(expected)):
+        return f"; row {i} is {found[i]!r}, the shards have {expected[i]!r} there"
+    return ""
+
+
+def check_keys(path: Path, found: list[str], expected: list[str]) -> None:
+    """Raise :class:`StaleCacheError` naming ``path`` unless ``found`` is ``expected`` (same keys, same order)."""
+    if found != expected:
+        raise StaleCacheError(f"{path} was computed for {len(found)} samples, the shards hold {len(expected)}"
+                              f"{_first_difference(found, expected)}; {REBUILD}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +97,20 @@ class DomainFeatures:
     def index_meta_path(self) -> Path:
         return self.dir / "index.json"
 
-    def features(self) -> np.ndarray:
-        return np.load(self.features_path)
+    def keys(self, expected: list[str]) -> list[str]:
+        """``keys.json``, checked to be ``expected`` (the domain's shard keys, in manifest order)."""
+        keys = read_json(self.keys_path)
+        check_keys(self.keys_path, keys, expected)
+        return keys
 
-    def keys(self) -> list[str]:
-        return read_json(self.keys_path)
+    def features(self, expected: list[str]) -> np.ndarray:
+        """The features [N, D], rows in ``expected`` order (checked against ``keys.json`` and N)."""
+        self.keys(expected)
+        feats = np.load(self.features_path)
+        if len(feats) != len(expected):
+            raise StaleCacheError(f"{self.features_path} has {len(feats)} rows, {self.keys_path} lists "
+                                  f"{len(expected)} keys; {REBUILD}")
+        return feats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +122,8 @@ class TaskFeatures:
     the teacher's target logits (target domain key order); ``target_features.npy``: the target features
     re-encoded with the teacher's visual prompts (only when it has them); ``zeroshot_preds_<side>.npy`` [N]
     and ``teacher_preds_<side>.npy`` [E, N]: predictions the evaluate stage scores; ``meta.json``: task,
-    classes, logit_scale, templates, model identity, prompt epochs, gpa, teacher_rows, visual_prompts.
+    classes, logit_scale, templates, model identity, prompt epochs, gpa, teacher_rows, visual_prompts, and
+    ``keys`` ({side: :func:`keys_digest`}: the row order of every per-image file above).
     """
 
     dir: Path
@@ -114,8 +154,17 @@ class TaskFeatures:
     def teacher_preds(self, side: str) -> Path:
         return self.dir / f"teacher_preds_{_side(side)}.npy"
 
-    def meta(self) -> dict[str, Any]:
-        return read_json(self.meta_path)
+    def meta(self, expected: dict[str, list[str]]) -> dict[str, Any]:
+        """``meta.json``, after checking that the rows of every per-image file were computed for the
+        ``expected`` keys of each side (``{side: shard keys}``)."""
+        meta = read_json(self.meta_path)
+        for side, keys in expected.items():
+            recorded = meta.get("keys", {}).get(_side(side))
+            if recorded != keys_digest(keys):
+                found = f"{recorded['n']} samples" if recorded else "no keys recorded: an older cache"
+                raise StaleCacheError(f"{self.meta_path}: the {side} rows were computed for other samples than "
+                                      f"the {len(keys)} the shards hold now ({found}); {REBUILD}")
+        return meta
 
 
 @dataclasses.dataclass(frozen=True)

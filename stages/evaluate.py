@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.artifacts import SIDES, Artifacts
 from pipeline.data.benchmarks import headline_metric
-from pipeline.data.shards import read_labels
+from pipeline.data.shards import read_labels, shard_keys
 from pipeline.evaluation.metrics import classification_metrics, epoch_summary
 from pipeline.io import atomic_dir, atomic_write_json, read_json
 from pipeline.orchestration.stage import entry, record_run, run_stage_items, shard_dir, start, task_label
@@ -23,8 +23,8 @@ PROTOCOL = "transductive UDA: the student trains on all (unlabelled) target imag
 
 def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) -> np.ndarray:
     """Target labels aligned with ``keys`` (the row order of upstream predictions)."""
-    shard_keys, labels = read_labels(shard_dir(params, dataset, domain))
-    by_key = dict(zip(shard_keys, labels.tolist()))
+    in_shards, labels = read_labels(shard_dir(params, dataset, domain))
+    by_key = dict(zip(in_shards, labels.tolist()))
     predicted = set(keys)
     missing = [k for k in by_key if k not in predicted]
     if missing or len(predicted) != len(keys) or len(keys) != len(by_key):
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_dir(params["paths"]["evaluate"]) as tmp:
         def work(name, task, _device):
             cached, student = artifacts.features.task(name), artifacts.student(name)
-            classes = cached.meta()["classes"]
+            keys = {side: shard_keys(shard_dir(params, task["dataset"], task[side])) for side in SIDES}
+            classes = cached.meta(keys)["classes"]  # checks that the cached predictions' rows are these keys
             models: dict = {"zeroshot_teacher": {}, "source_teacher": {}}
             for side in SIDES:
-                keys = artifacts.features.domain(task["dataset"], task[side]).keys()
-                y = labels_in_order(params, task["dataset"], task[side], keys)
+                y = labels_in_order(params, task["dataset"], task[side], keys[side])
                 models["zeroshot_teacher"][side] = classification_metrics(
                     y, np.load(cached.zeroshot_preds(side)), len(classes))
                 models["source_teacher"][side] = epoch_summary(y, np.load(cached.teacher_preds(side)), len(classes))

@@ -15,9 +15,10 @@ import sys
 import numpy as np
 import torch
 
-from pipeline.artifacts import SIDES, Artifacts
+from pipeline.artifacts import SIDES, Artifacts, keys_digest
 from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
+from pipeline.data.shards import shard_keys
 from pipeline.features.cache import (build_index, encode_images, encode_shards, logits, prompted_vectors,
                                      save_index, zero_shot_vectors)
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows = [prompt["reported"]]
             per_epoch = prompted_vectors(teacher, rows, precision=model.spec.precision, device=device)
             out, scale = cache.task(name), model.logit_scale
+            keys = {side: shard_keys(shard_dir(params, task["dataset"], task[side])) for side in SIDES}
             for side in SIDES:
-                plain = cache.domain(task["dataset"], task[side]).features()
+                plain = cache.domain(task["dataset"], task[side]).features(keys[side])
                 feats = plain
                 if teacher.vision is not None:
                     _, encoded, _ = encode_shards(teacher.image_features, shard_dir(params, task["dataset"], task[side]),
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                 "task": task, "classes": prompt["classes"], "logit_scale": scale, "templates": ft["templates"],
                 "model": model.identity, "prompt_epochs": len(prompt["states"]), "gpa": prompt["gpa"],
                 "prompt_train_transform": prompt.get("train_transform", "none"),
-                "teacher_rows": len(per_epoch), "visual_prompts": teacher.vision is not None})
+                "teacher_rows": len(per_epoch), "visual_prompts": teacher.vision is not None,
+                "keys": {side: keys_digest(k) for side, k in keys.items()}})
             return {"classes": len(classnames)}
 
         label = task_label(params)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 
 import fixture_trees as ft
@@ -180,3 +181,34 @@ def test_standard_tasks():
         assert len(tasks) == n and all(t["source"] != t["target"] for t in tasks.values())
     assert standard_tasks("visda") == {"train_to_validation": {"dataset": "visda", "source": "train",
                                                                "target": "validation"}}
+
+
+def test_image_list_with_folder_labels_accepts_the_files_own_numbering(tmp_path):
+    # TLlib numbers Office-Home classes its own way (Drill is 0 there, not in the bundled list)
+    rng = np.random.default_rng(0)
+    rel = ft.class_tree(tmp_path / "oh" / "Art", ["Drill", "Alarm_Clock", "Backpack"], 2, rng)
+    tllib = {"Drill": 0, "Alarm_Clock": 1, "Backpack": 2}
+    lines = [f"Art/{p} {tllib[p.split('/')[0]]}" for p in rel]
+    (tmp_path / "oh" / "image_list").mkdir()
+    (tmp_path / "oh" / "image_list" / "Art.txt").write_text("\n".join(lines) + "\n")
+    ds = {"format": "image_list", "root": str(tmp_path / "oh"), "classes": "office_home", "domains": ["art"],
+          "lists": {"art": "image_list/Art.txt"}, "labels": "folder"}
+    classes, samples, _ = _samples("tllib", ds, "art")
+    assert len(samples) == 6
+    assert {(s.classname, s.label) for s in samples} == {(c, classes.index(c)) for c in tllib}
+    # still one number per class: a second number for Drill is an error naming the line
+    lines[1] = lines[1].rsplit(" ", 1)[0] + " 1"
+    (tmp_path / "oh" / "image_list" / "Art.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"Art.txt:2: label 1 for class folder 'Drill' contradicts line"):
+        _samples("tllib", ds, "art")
+
+
+def test_byte_order_mark_is_not_part_of_a_class_or_a_path(tmp_path):
+    ds = ft.generic_image_list(tmp_path / "l")
+    names = load_classlist("visda")[:4]
+    (tmp_path / "classes.txt").write_bytes("\n".join(names).encode("utf-8-sig"))
+    lst = tmp_path / "l" / "lists" / "photos.txt"
+    lst.write_bytes(lst.read_text(encoding="utf-8").encode("utf-8-sig"))
+    classes, samples, _ = _samples("lists", {**ds, "classes": str(tmp_path / "classes.txt")}, "photos")
+    assert classes == names and classes[0] == "aeroplane"
+    assert len(samples) == 8 and not samples[0].relpath.startswith("\ufeff")

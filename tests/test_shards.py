@@ -316,3 +316,103 @@ def test_loader_needs_transform_or_views(tree, tmp_path):
         image_loader(tmp_path / "out", transform=_to_tensor, views=(_to_tensor,), **common)
     with pytest.raises(ValueError, match="non-empty"):
         image_loader(tmp_path / "out", views=(), **common)
+
+
+# ----------------------------------------------------------------------------------------- integrity
+
+
+def test_manifest_records_count_and_hash_per_shard(tree, tmp_path):
+    import hashlib
+
+    m = _write(tree, tmp_path / "out")
+    assert list(m["shard_files"]) == m["shards"]
+    for name, info in m["shard_files"].items():
+        assert info["sha256"] == hashlib.sha256((tmp_path / "out" / name).read_bytes()).hexdigest()
+    assert [info["n"] for info in m["shard_files"].values()] == [5, 5, 2]
+
+
+def _samples_of(tar_path: Path) -> list[list[tuple[tarfile.TarInfo, bytes]]]:
+    """The members of a shard grouped per sample (consecutive members with one key), in tar order."""
+    groups: list = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key = member.name.split(".")[0]
+            if not groups or groups[-1][0][0].name.split(".")[0] != key:
+                groups.append([])
+            groups[-1].append((member, tar.extractfile(member).read()))
+    return groups
+
+
+def _rewrite(tar_path: Path, groups: list) -> None:
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for group in groups:
+            for member, data in group:
+                tar.addfile(member, io.BytesIO(data))
+
+
+def _truncate_last_sample(tar_path: Path) -> None:
+    # Cut at the header of the last sample's first member: a 512-byte boundary that tar readers accept.
+    cut = _samples_of(tar_path)[-1][0][0].offset
+    assert cut % 512 == 0
+    tar_path.write_bytes(tar_path.read_bytes()[:cut])
+
+
+def _append_sample(tar_path: Path) -> None:
+    groups = _samples_of(tar_path)
+    new = [(tarfile.TarInfo("f" * 20 + member.name[20:]), data) for member, data in groups[0]]
+    for info, data in new:
+        info.size = len(data)
+    _rewrite(tar_path, groups + [new])
+
+
+def _swap_first_two(tar_path: Path) -> None:
+    groups = _samples_of(tar_path)
+    _rewrite(tar_path, [groups[1], groups[0], *groups[2:]])
+
+
+FAULTS = {  # fault -> what the message must say (shard 0 holds 5 samples)
+    "truncated": (_truncate_last_sample, "found 4 samples, expected 5"),
+    "appended": (_append_sample, "sample 6 has key 'ffffffffffffffffffff', the manifest lists only 5"),
+    "reordered": (_swap_first_two, "sample 1 has key"),
+}
+
+
+def _faulty_shards(tree: Path, out: Path, fault: str) -> tuple[Path, dict]:
+    m = _write(tree, out)
+    FAULTS[fault][0](out / m["shards"][0])
+    return out / m["shards"][0], m
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_read_labels_stops_on_a_shard_that_does_not_match_the_manifest(tree, tmp_path, fault):
+    shard, m = _faulty_shards(tree, tmp_path / "out", fault)
+    with pytest.raises(shards.ShardIntegrityError) as err:
+        read_labels(tmp_path / "out")
+    message = str(err.value)
+    assert str(shard) in message and FAULTS[fault][1] in message
+    assert "dvc checkout" in message and "dvc repro -f -s shard" in message
+    if fault == "reordered":
+        assert f"expected {m['keys'][0]!r}" in message
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_loader_stops_on_a_shard_that_does_not_match_the_manifest(tree, tmp_path, fault, num_workers):
+    shard, _ = _faulty_shards(tree, tmp_path / "out", fault)
+    for with_labels, shuffle in ((False, False), (True, True)):
+        loader = image_loader(tmp_path / "out", transform=_to_tensor, batch_size=2, shuffle=shuffle,
+                              with_labels=with_labels, num_workers=num_workers)
+        # a worker's exception reaches the caller with its type and the original message inside
+        with pytest.raises(shards.ShardIntegrityError) as err:
+            _all_batches(loader)
+        assert str(shard) in str(err.value) and FAULTS[fault][1] in str(err.value)
+
+
+def test_old_manifest_without_shard_files_is_refused(tree, tmp_path):
+    m = _write(tree, tmp_path / "out")
+    del m["shard_files"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(m))
+    for read in (read_labels, lambda d: image_loader(d, transform=_to_tensor, batch_size=2, shuffle=False,
+                                                     with_labels=False)):
+        with pytest.raises(shards.ShardIntegrityError, match="older version.*dvc repro -f -s shard"):
+            read(tmp_path / "out")

@@ -91,7 +91,8 @@ def _class_file(name: str, ds: dict[str, Any]) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"data.datasets.{name}.classes: {spec!r} is neither a class list in "
                                 f"{CLASSLIST_DIR} ({available_classlists()}) nor an existing file")
-    return check_classes([line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])
+    # utf-8-sig: editors on Windows start the file with a byte-order mark, which is no part of a class name
+    return check_classes([line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()])
 
 
 def _domain_dir(name: str, ds: dict[str, Any], root: Path, domain: str) -> Path:
@@ -172,7 +173,10 @@ def _domain_samples(name: str, ds: dict[str, Any], domain: str, classes: list[st
     fmt, allow_missing = ds["format"], ds.get("allow_missing_classes", False)
     if fmt == "image_list":
         list_file = root / ds["lists"][domain]
-        samples = list_samples(list_file, root, classes, labels=ds.get("labels", "column"), where=where)
+        # With labels from the folder the file may number classes its own way (TLlib's Office-Home lists
+        # are not in the class list's order): its numbers need only be one per class folder.
+        samples = list_samples(list_file, root, classes, labels=ds.get("labels", "column"), ids="consistent",
+                               where=where)
         return samples, [], {"lists": [str(list_file)]}
     bench = benchmarks().get(fmt, {})
     if _uses_splits(ds):

@@ -23,7 +23,7 @@ def load_classlist(dataset: str) -> list[str]:
     # Checking membership (not just file existence) also rejects names such as "../x".
     if dataset not in available:
         raise ValueError(f"no class list for dataset {dataset!r}; available: {', '.join(available) or 'none'}")
-    names = [line.strip() for line in (CLASSLIST_DIR / f"{dataset}.txt").read_text("utf-8").splitlines()]
+    names = [line.strip() for line in (CLASSLIST_DIR / f"{dataset}.txt").read_text("utf-8-sig").splitlines()]
     names = [n for n in names if n]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -1,7 +1,7 @@
 """Importer for image-list and split files: one ``relative/path label`` per line.
 
 The path is every token but the last (as TLlib reads them), so paths with spaces survive; blank lines and
-lines starting with ``#`` are ignored. Every problem names the file and line: a line that is not
+lines starting with ``#`` are ignored, and so is a leading UTF-8 byte-order mark. Every problem names the file and line: a line that is not
 ``<path> <integer>``, a label out of range, a path that names no file, a duplicate path, a class folder
 not in the class list, or a label that contradicts the class folder.
 
@@ -10,7 +10,8 @@ How the label is decided (``labels``):
 - ``column``: the label column is the class index in ``classes`` (generic lists, paths need no class folder).
 - ``folder``: the class is the image's parent folder, matched to ``classes`` by name; the column is only
   cross-checked, per ``ids``: ``equal`` (it must be that class's index: VisDA, DomainNet) or
-  ``consistent`` (the file numbers classes its own way, one number per class folder: mini-DomainNet).
+  ``consistent`` (the file numbers classes its own way, one number per class folder: mini-DomainNet, and
+  the generic ``image_list`` format, e.g. TLlib's Office-Home lists).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def read_image_list(list_file: str | os.PathLike) -> list[Entry]:
         raise FileNotFoundError(f"image list {list_file} does not exist")
     entries = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(list_file.read_text(encoding="utf-8").splitlines(), start=1):
+    # utf-8-sig: a leading byte-order mark (Windows editors) would otherwise become part of the first path
+    for number, raw in enumerate(list_file.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -4,7 +4,8 @@ Output (one folder per domain; the format every downstream stage reads, see ``sh
 
     <out_dir>/<split>-000000.tar ...   per sample: <key>.cls, <key>.jpg (raw file bytes), <key>.json
     <out_dir>/sizes.json               {shard basename: n}
-    <out_dir>/manifest.json            classes, counts, shards, keys in shard order, skipped files + reasons
+    <out_dir>/manifest.json            classes, counts, shards, keys in shard order, skipped files + reasons,
+                                       and per shard its sample count and sha256 (``shard_files``)
 
 Determinism: samples are sorted by relative path, permuted with the seed, and cut into consecutive chunks
 of ``maxcount``; chunk ``i`` becomes shard ``i`` whatever the number of workers, and every tar header field
@@ -67,14 +68,37 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class _HashingFile:
+    """A binary file that hashes what is written to it: the shard's sha256 without a second read."""
+
+    def __init__(self, path: str):
+        self.raw, self.sha256, self.size = open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:  # tarfile asks once, when it opens
+        return self.size
+
+    def __enter__(self) -> "_HashingFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.close()
+
+
 def write_one_shard(job: tuple[str, str, str, list[tuple[str, str, str, int, str]]]) -> dict[str, Any]:
     """Write one tar: ``job = (tar_path, dataset, domain, [(key, relpath, path, label, classname), ...])``.
 
-    Returns what went in (keys, labels, formats, bytes) and what was left out (relpath, reason).
+    Returns what went in (keys, labels, formats, bytes, the tar's sha256) and what was left out (relpath,
+    reason).
     """
     tar_path, dataset, domain, entries = job
     keys, labels, bad, formats, nbytes = [], [], [], {}, 0
-    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+    out = _HashingFile(tar_path)
+    with out, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, relpath, path, label, classname in entries:
             try:
                 data = Path(path).read_bytes()
@@ -95,7 +119,7 @@ def write_one_shard(job: tuple[str, str, str, list[tuple[str, str, str, int, str
             formats[fmt] = formats.get(fmt, 0) + 1
             nbytes += len(data)
     return {"tar": tar_path, "keys": keys, "labels": labels, "bad": bad, "formats": formats, "bytes": nbytes,
-            "n_in": len(entries)}
+            "n_in": len(entries), "sha256": out.sha256.hexdigest()}
 
 
 def _run_jobs(jobs: list, workers: int, desc: str):
@@ -179,14 +203,14 @@ def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: 
         total = len(samples) + len(skipped)
         if len(bad) / total > max_bad_fraction:
             raise _bad_fraction_error(where, bad, total, max_bad_fraction)
-        sizes, shard_keys, counts, formats, nbytes = {}, [], {c: 0 for c in classes}, {}, 0
+        sizes, hashes, shard_keys, counts, formats, nbytes = {}, {}, [], {c: 0 for c in classes}, {}, 0
         for i in range(len(jobs)):
             r = results[i]
             name = Path(r["tar"]).name
             if not r["keys"]:  # every file of this chunk was bad
                 os.unlink(r["tar"])
                 continue
-            sizes[name] = len(r["keys"])
+            sizes[name], hashes[name] = len(r["keys"]), r["sha256"]
             shard_keys += r["keys"]
             for label in r["labels"]:
                 counts[classes[label]] += 1
@@ -197,6 +221,8 @@ def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: 
             raise BadDataError(f"{where}: none of the {total} files is a readable image")
         manifest = {"dataset": dataset, "domain": domain, "split": split, "classes": classes, "counts": counts,
                     "n": len(shard_keys), "shards": list(sizes), "keys": shard_keys, "seed": seed,
+                    # what every reader checks a shard against (pipeline.data.shards.shard_plan)
+                    "shard_files": {name: {"n": n, "sha256": hashes[name]} for name, n in sizes.items()},
                     "maxcount": maxcount, "formats": dict(sorted(formats.items())), "source": source or {},
                     "n_skipped": len(bad), "skipped": [{"path": s.relpath, "reason": s.reason} for s in bad]}
         atomic_write_json(tmp / "sizes.json", sizes)

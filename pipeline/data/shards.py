@@ -5,7 +5,12 @@ Layout (one folder per domain; written by :mod:`pipeline.data.sharding`)::
     <out_dir>/<split>-000000.tar ...   samples: <key>.cls, <key>.jpg (raw file bytes), <key>.json
     <out_dir>/sizes.json               {shard basename: n}, as open_clip reads it
     <out_dir>/manifest.json            classes (label order), counts, shards and keys in shard order,
-                                       skipped files with the reason
+                                       skipped files with the reason, per shard its count and sha256
+
+Every reader checks what it reads against the manifest while it reads (:func:`checked_keys`): each shard
+must hold exactly the manifest's keys of that shard, in order. A truncated shard, an appended sample or a
+replaced key stops the run with a :class:`ShardIntegrityError` instead of quietly training or scoring on
+other data.
 
 Labels always come from the caller's class list, never from a sort order. See
 the webdataset FAQ (``webdataset/webdataset``, shuffle before decode, explicit ``shardshuffle``, worker
@@ -19,7 +24,8 @@ import math
 import random
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from operator import itemgetter
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -36,6 +42,12 @@ from pipeline.io import read_json
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 1000
+REPAIR = "restore the shards with `dvc checkout {dir}` or re-write them with `dvc repro -f -s shard`"
+T = TypeVar("T")
+
+
+class ShardIntegrityError(ValueError):
+    """A shard folder does not hold what its manifest says (a cut or edited tar, an old manifest)."""
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -72,24 +84,87 @@ def read_manifest(shard_dir: Path) -> dict:
     return read_json(path)
 
 
+def shard_keys(shard_dir: Path) -> list[str]:
+    """Every sample key of a shard folder, in shard order: the row order cached features must have."""
+    return list(read_manifest(shard_dir)["keys"])
+
+
+def shard_plan(shard_dir: Path) -> dict[str, list[str]]:
+    """``{shard file name: its sample keys in written order}`` from the manifest, in shard order.
+
+    A manifest from before per-shard counts were recorded cannot be checked, so it is refused.
+    """
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    files = manifest.get("shard_files")
+    if files is None:
+        raise ShardIntegrityError(f"{shard_dir / 'manifest.json'} has no per-shard counts and hashes (written "
+                                  "by an older version); re-write the shards with `dvc repro -f -s shard`")
+    keys, plan, start = manifest["keys"], {}, 0
+    for name in manifest["shards"]:
+        plan[name] = keys[start:start + files[name]["n"]]
+        start += files[name]["n"]
+    if start != len(keys):
+        raise ShardIntegrityError(f"{shard_dir / 'manifest.json'}: its shards hold {start} samples but it lists "
+                                  f"{len(keys)} keys; {REPAIR.format(dir=shard_dir)}")
+    return plan
+
+
+def checked_keys(items: Iterable[T], *, shard: Path, expected: list[str], key: Callable[[T], str]
+                 ) -> Iterator[T]:
+    """Pass ``items`` (samples of one shard, in read order) through, checking that their keys are
+    ``expected`` in order; the count is checked when the shard ends. No extra read: it wraps the reader.
+
+    Raises :class:`ShardIntegrityError` naming the shard, at the first unexpected key or at the end.
+    """
+    shard, n = Path(shard), 0
+    for item in items:
+        found = key(item)
+        if n >= len(expected) or found != expected[n]:
+            what = f"expected {expected[n]!r}" if n < len(expected) else f"the manifest lists only {len(expected)}"
+            raise ShardIntegrityError(f"shard {shard} does not match its manifest: sample {n + 1} has key "
+                                      f"{found!r}, {what}; {REPAIR.format(dir=shard.parent)}")
+        n += 1
+        yield item
+    if n != len(expected):
+        raise ShardIntegrityError(f"shard {shard} does not match its manifest: found {n} samples, expected "
+                                  f"{len(expected)} (truncated?); {REPAIR.format(dir=shard.parent)}")
+
+
+def _cls_members(tar) -> Iterator[tuple[str, int]]:
+    for member in tar:
+        if member.isfile() and member.name.endswith(".cls"):
+            yield member.name[: -len(".cls")], int(tar.extractfile(member).read())
+
+
 def read_labels(shard_dir: Path) -> tuple[list[str], np.ndarray]:
-    """Keys and int labels in shard order, read from the ``.cls`` tar members (no image decoding)."""
+    """Keys and int labels in shard order, read from the ``.cls`` tar members (no image decoding) and
+    checked against the manifest (:func:`checked_keys`)."""
     import tarfile
 
     shard_dir = Path(shard_dir)
     keys: list[str] = []
     labels: list[int] = []
-    for shard in read_manifest(shard_dir)["shards"]:
+    for shard, expected in shard_plan(shard_dir).items():
         with tarfile.open(shard_dir / shard, "r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".cls"):
-                    keys.append(member.name[: -len(".cls")])
-                    labels.append(int(tar.extractfile(member).read()))
+            for key, label in checked_keys(_cls_members(tar), shard=shard_dir / shard, expected=expected,
+                                           key=itemgetter(0)):
+                keys.append(key)
+                labels.append(label)
     return keys, np.asarray(labels, dtype=np.int64)
 
 
 def _keep_member(fname: str, *, suffixes: tuple[str, ...]) -> bool:
     return fname.endswith(suffixes)
+
+
+def _checked_samples(shards, *, plan: dict[str, list[str]], suffixes: tuple[str, ...]):
+    # One shard at a time, after the worker split and before shuffling, so every worker checks whole
+    # shards (also one it reads nothing from) in their written order.
+    for shard in shards:
+        samples = wds.tarfile_samples([shard], select_files=partial(_keep_member, suffixes=suffixes))
+        path = Path(shard["url"])
+        yield from checked_keys(samples, shard=path, expected=plan[path.name], key=itemgetter("__key__"))
 
 
 def _seeded_shuffle(src, *, seed: int, epoch: int, bufsize: int):
@@ -165,7 +240,9 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
     ``shuffle=True``: shard order and a ~1000-sample buffer are shuffled, before decoding, from
     (seed, epoch); build a new loader per epoch. ``shuffle=False``: shard order, then written order
     (exactly the manifest key order with ``num_workers <= 1``; workers interleave whole batches).
-    Without labels the ``.cls`` members are never even read from the tars.
+    Without labels the ``.cls`` members are never even read from the tars. Each worker checks every shard
+    it reads against the manifest before shuffling (:func:`checked_keys`): a mismatch raises
+    :class:`ShardIntegrityError` in the caller.
     """
     if (transform is None) == (views is None):
         raise ValueError("image_loader: give exactly one of transform (eval) and views (seeded training "
@@ -177,9 +254,8 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
         if seed < 0 or epoch < 0:
             raise ValueError(f"image_loader: seed and epoch must be >= 0 with views (got {seed}, {epoch})")
     shard_dir = Path(shard_dir)
-    manifest = read_manifest(shard_dir)
-    sizes = read_json(shard_dir / "sizes.json")
-    shards = list(manifest["shards"])
+    plan = shard_plan(shard_dir)
+    shards = list(plan)
     if shuffle:
         # Shard shuffle done here, before split_by_worker, so all workers agree on one permutation
         # and each worker gets different shards every epoch.
@@ -188,19 +264,18 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
     num_workers = min(num_workers, len(shards))
 
     suffixes = (".jpg", ".cls") if with_labels else (".jpg",)
-    dataset = wds.WebDataset([str(shard_dir / s) for s in shards], shardshuffle=False,
-                             workersplitter=wds.split_by_worker, empty_check=False,
-                             select_files=partial(_keep_member, suffixes=suffixes))
+    dataset = wds.DataPipeline(wds.SimpleShardList([str(shard_dir / s) for s in shards]), wds.split_by_worker,
+                               partial(_checked_samples, plan=plan, suffixes=suffixes))
     if shuffle:
         dataset = dataset.compose(partial(_seeded_shuffle, seed=seed, epoch=epoch, bufsize=SHUFFLE_BUFFER))
     if views is None:
         decode = partial(_decode, transform=transform, with_labels=with_labels)
     else:
         decode = partial(_decode_views, views=views, seed=seed, epoch=epoch, with_labels=with_labels)
-    dataset = dataset.map(decode).batched(batch_size, collation_fn=_collate, partial=True)
+    dataset = dataset.compose(wds.map(decode), wds.batched(batch_size, collation_fn=_collate, partial=True))
 
     # Exact batch count: each worker reads shards[w::W] and keeps its own last partial batch.
-    per_worker = [sum(sizes[s] for s in shards[w::max(num_workers, 1)]) for w in range(max(num_workers, 1))]
+    per_worker = [sum(len(plan[s]) for s in shards[w::max(num_workers, 1)]) for w in range(max(num_workers, 1))]
     dataset = _Sized(dataset, sum(math.ceil(n / batch_size) for n in per_worker))
     # Stages run their items in Prefect's worker threads; forking a process that has threads can leave
     # the child with a held lock, so workers start from a clean forkserver instead.

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from pipeline.data.shards import image_loader
+from pipeline.data.shards import image_loader, shard_keys
 from pipeline.io import atomic_write
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedTeacher
@@ -26,10 +26,11 @@ def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str
                   batch_size: int, device: str, precision: str, with_labels: bool = False,
                   num_workers: int = 0, desc: str = "features"
                   ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
-    """Run ``encode`` (images -> features) over every image of ``shard_dir`` in shard order.
+    """Run ``encode`` (images -> features) over every image of ``shard_dir``.
 
     Returns keys, L2-normalised float features [N, D] on the CPU, and the labels when ``with_labels``
-    (otherwise ``None``: the loader then never reads them).
+    (otherwise ``None``: the loader then never reads them), in manifest key order for any ``num_workers``
+    (workers interleave batches; readers of the cache check its keys against the manifest's).
     """
     keys: list[str] = []
     feats, labels = [], []
@@ -42,7 +43,11 @@ def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str
         keys.extend(batch[0])
         if with_labels:
             labels.append(batch[2])
-    return keys, torch.cat(feats), (torch.cat(labels) if with_labels else None)
+    # The loader checked every shard against the manifest, so this is a permutation.
+    expected = shard_keys(shard_dir)
+    position = {key: i for i, key in enumerate(keys)}
+    order = torch.tensor([position[key] for key in expected], dtype=torch.long)
+    return expected, torch.cat(feats)[order], (torch.cat(labels)[order] if with_labels else None)
 
 
 def encode_images(model: LoadedModel, shard_dir: str | Path, *, batch_size: int, device: str,

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.artifacts import Artifacts, StudentOutput, TaskFeatures
+from pipeline.artifacts import REBUILD, SIDES, Artifacts, StaleCacheError, StudentOutput, TaskFeatures
 from pipeline.data.classlists import prompt_name
-from pipeline.data.shards import read_labels
+from pipeline.data.shards import read_labels, shard_keys
 from pipeline.models.factory import LoadedModel
 from pipeline.schema import Block
 
@@ -108,11 +108,16 @@ class TaskJob:
         return self.artifacts.shards(self.task["dataset"], self.task[side])
 
     def domain_keys(self, side: str) -> list[str]:
-        return self.artifacts.features.domain(self.task["dataset"], self.task[side]).keys()
+        """The sample keys of a side in shard order: the row order of every cached file."""
+        return self._shard_keys[side]
+
+    @functools.cached_property
+    def _shard_keys(self) -> dict[str, list[str]]:
+        return {side: shard_keys(self.shard_dir(side)) for side in SIDES}
 
     def domain_features(self, side: str) -> np.ndarray:
-        """The plain (zero-shot) teacher image features of a side, rows in :meth:`domain_keys` order."""
-        return self.artifacts.features.domain(self.task["dataset"], self.task[side]).features()
+        """The plain (zero-shot) teacher image features of a side, rows in :meth:`domain_keys` order (checked)."""
+        return self.artifacts.features.domain(self.task["dataset"], self.task[side]).features(self.domain_keys(side))
 
     def source_labels(self, keys: list[str]) -> np.ndarray:
         """Labels of the labelled source images ``keys`` (never called for the target)."""
@@ -126,7 +131,9 @@ class TaskJob:
 
     @functools.cached_property
     def meta(self) -> dict[str, Any]:
-        return self.cached.meta()
+        """The task cache's meta.json; reading it checks that every cached per-image file (target logits,
+        prompted target features) has rows in :meth:`domain_keys` order."""
+        return self.cached.meta(self._shard_keys)
 
     @property
     def classes(self) -> list[str]:
@@ -144,7 +151,17 @@ class TaskJob:
     def teacher_target_features(self) -> np.ndarray:
         """The teacher's target image features: re-encoded with its visual prompts when it has them."""
         prompted = self.cached.target_features
-        return np.load(prompted) if prompted.exists() else self.domain_features("target")
+        return self.cached_rows(prompted, "target") if prompted.exists() else self.domain_features("target")
+
+    def cached_rows(self, path: Path, side: str) -> np.ndarray:
+        """A per-image file of the task cache (e.g. target logits), rows in :meth:`domain_keys` order: the
+        keys meta.json records and the row count are checked first."""
+        keys = self.domain_keys(side)
+        self.cached.meta({side: keys})
+        rows = np.load(path)
+        if len(rows) != len(keys):
+            raise StaleCacheError(f"{path} has {len(rows)} rows for the {len(keys)} {side} samples; {REBUILD}")
+        return rows
 
     def knn_refiner(self, probs: np.ndarray):
         """A kNN refiner over the teacher's target features seeded with ``probs`` (None when refine_knn is 0)."""

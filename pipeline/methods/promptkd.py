@@ -102,7 +102,7 @@ def run(job: TaskJob) -> MethodResult:
     d, block = job.distill, job.block
     class_vectors = np.load(job.cached.class_vectors)
     target_keys = job.domain_keys("target")
-    z_t = np.load(job.cached.target_logits)
+    z_t = job.cached_rows(job.cached.target_logits, "target")
     knn = job.knn_refiner(softmax_np(z_t))
     if knn is not None:  # refined distributions become the KD targets (log-probabilities as logits)
         z_t = np.log(np.clip(knn.refine_all(), 1e-8, None))
