@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from pipeline.data.imagecheck import check_image
 from pipeline.data.samples import Sample, Skipped, check_classes
 from pipeline.io import atomic_dir, atomic_write_json
+from pipeline.progress import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +130,18 @@ def _run_jobs(jobs: list, workers: int, desc: str):
     try:
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):
+                check_stop()
                 result = write_one_shard(job)
                 bar.update(result["n_in"])
                 yield i, result
             return
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])
-        with ctx.Pool(min(workers, len(jobs))) as pool:
+        # Workers ignore Ctrl-C (the terminal sends it to them too): the stage stops them when it stops.
+        with ctx.Pool(min(workers, len(jobs)), initializer=signal.signal,
+                      initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             for i, result in pool.imap_unordered(_indexed, list(enumerate(jobs))):
+                check_stop()  # leaving the block terminates the pool's processes
                 bar.update(result["n_in"])
                 yield i, result
     finally:

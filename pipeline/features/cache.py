@@ -11,12 +11,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from pipeline.data.shards import image_loader, shard_keys
 from pipeline.io import atomic_write
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptedTeacher
+from pipeline.progress import progress
 
 FAISS_INDEXES = ("flat_ip",)
 
@@ -36,7 +36,7 @@ def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str
     feats, labels = [], []
     loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
                           with_labels=with_labels, num_workers=num_workers)
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in progress(loader, desc=desc, unit="batch", leave=False):
         with autocast(precision, device):
             out = encode(batch[1].to(device))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
