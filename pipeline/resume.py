@@ -81,7 +81,8 @@ def file_identities(paths: Iterable[str | os.PathLike]) -> list[list[Any]]:
     out = []
     for root in paths:
         root = Path(root)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not _ignored(p.relative_to(root))) \
+            if root.is_dir() else [root]
         for f in files:
             if not f.is_file():
                 out.append([str(f), None, None])
@@ -91,6 +92,12 @@ def file_identities(paths: Iterable[str | os.PathLike]) -> list[list[Any]]:
                       else f"mtime_ns={st.st_mtime_ns}")
             out.append([str(f), st.st_size, digest])
     return out
+
+
+def _ignored(relative: Path) -> bool:
+    """Byte code and hidden files (temporaries of atomic writes): Python writes ``__pycache__`` on the first
+    run, which must not change the key of the re-run."""
+    return any(part == "__pycache__" or part.startswith(".") for part in relative.parts)
 
 
 def resume_key(*, stage: str, item: str, params: dict[str, Any], inputs: Iterable[str | os.PathLike],
