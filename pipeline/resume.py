@@ -135,7 +135,7 @@ class ItemResume:
         completes (:func:`clear_stage`) and the snapshot is removed."""
         if (self.finished / "summary.json").is_file():
             log.info("%s: reusing finished outputs from %s", self.label, self.finished)
-            shutil.copytree(self.finished / "outputs", out_dir, dirs_exist_ok=True)
+            shutil.copytree(self.finished / "outputs", out_dir, dirs_exist_ok=True, copy_function=_link_or_copy)
             return read_json(self.finished / "summary.json")["summary"]
         self.drop_others()
         summary = work()
@@ -159,7 +159,7 @@ class ItemResume:
         """Copy the outputs and the summary into ``finished`` (a complete folder or none: renamed into place)."""
         tmp = self.dir / f".{self.finished.name}.tmp-{os.getpid()}"
         _remove(tmp)
-        shutil.copytree(out_dir, tmp / "outputs")
+        shutil.copytree(out_dir, tmp / "outputs", copy_function=_link_or_copy)
         atomic_write_json(tmp / "summary.json", {"summary": summary})  # written last: marks a complete copy
         _remove(self.finished)
         os.replace(tmp, self.finished)
@@ -191,6 +191,15 @@ def clear_stage(params: dict[str, Any], stage: str, items: Iterable[str]) -> Non
     root = artifacts.checkpoints(stage, "")
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no time or space for large checkpoints; every writer here replaces files, never edits
+    them in place), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _remove(path: Path) -> None:
