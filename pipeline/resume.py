@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -30,8 +29,7 @@ import yaml
 
 from pipeline.artifacts import SIDES, Artifacts
 from pipeline.io import atomic_write_json, read_json
-
-log = logging.getLogger(__name__)
+from pipeline.methods.training import resume_log as log
 
 SMALL_FILE = 1 << 20  # files up to 1 MiB (manifests, keys, metadata, code) are hashed by content
 

@@ -64,7 +64,7 @@ def _interrupt_then_resume(run, path, monkeypatch, caplog):
         return real(self, epoch, *args, **kw)
 
     monkeypatch.setattr(EpochRecorder, "add", counted)
-    with caplog.at_level(logging.INFO, logger="pipeline.methods.training"):
+    with caplog.at_level(logging.INFO, logger="pipeline.resume"):
         resumed = run(path)
     assert trained == list(range(STOP_AFTER + 1, EPOCHS + 1))  # only the epochs after the snapshot
     assert f"resuming from {path} after epoch {STOP_AFTER} of {EPOCHS}" in caplog.text
@@ -226,7 +226,7 @@ def test_a_corrupt_snapshot_is_ignored_and_training_starts_fresh(tmp_path, caplo
     path = tmp_path / "resume-0123456789ab.pt"
     full = _toy_fit(path)
     path.write_bytes(path.read_bytes()[:100])  # truncated, as a full disk would leave it
-    with caplog.at_level(logging.WARNING, logger="pipeline.methods.training"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.resume"):
         again = _toy_fit(path)
     assert f"toy: {path}: cannot be read as a training snapshot" in caplog.text
     assert "it is ignored and training starts from epoch 1" in caplog.text

@@ -26,7 +26,10 @@ from tqdm import tqdm
 from pipeline.io import CheckpointError, atomic_torch_save, load_checkpoint
 
 _GLOBAL_RNG = threading.Lock()
-_log = logging.getLogger(__name__)
+# Resume decisions (continue, ignore a snapshot, reuse, start fresh) always get a line in the stage log: a
+# stage process leaves the root logger at Prefect's level (WARNING), which would drop INFO records.
+resume_log = logging.getLogger("pipeline.resume")
+resume_log.setLevel(logging.INFO)
 
 
 class TrainingDiverged(RuntimeError):
@@ -214,7 +217,7 @@ def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: l
         _load_modules(modules or {}, snapshot["state"], where=where)
         t = _restore(carried, snapshot["resume"])
         first = snapshot["epoch"] + 1
-        _log.info("%s: resuming from %s after epoch %d of %d", where, checkpoint_path, first - 1, epochs)
+        resume_log.info("%s: resuming from %s after epoch %d of %d", where, checkpoint_path, first - 1, epochs)
     for epoch in tqdm(range(first, epochs + 1), desc=f"{where} epochs", unit="epoch", initial=first - 1,
                       total=epochs):
         start, sums, iterations = time.perf_counter(), {}, 0
@@ -259,10 +262,10 @@ def _read_snapshot(path, where: str) -> dict | None:
     try:
         snapshot = load_checkpoint(path, what="a training snapshot", fix=fresh)
     except CheckpointError as exc:
-        _log.warning("%s: %s", where, exc)
+        resume_log.warning("%s: %s", where, exc)
         return None
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("resume"), dict):
-        _log.warning("%s: %s holds no resume state (an older last-good checkpoint?); %s", where, path, fresh)
+        resume_log.warning("%s: %s holds no resume state (an older last-good checkpoint?); %s", where, path, fresh)
         return None
     return snapshot
 
