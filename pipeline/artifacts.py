@@ -10,7 +10,8 @@ temporary folder (writers, see :func:`pipeline.io.atomic_dir`)::
     paths.features/tasks/<task>/                TaskFeatures: class vectors, target logits, teacher predictions
     paths.distill/<task>/                       StudentOutput: student.pt, predictions.npy, keys.json, ...
     paths.evaluate/<task>/metrics.json          EvaluateOutput
-    paths.checkpoints/<stage>/<task>/last_good.pt   (kept when a run stops; not a DVC output)
+    paths.checkpoints/<stage>/<task>/           resume area: snapshot, finished outputs (pipeline.resume;
+                                                not a DVC output)
 
 Cached rows (features, logits, predictions) are only meaningful in the key order they were computed in,
 so the features stage records those keys (``keys.json`` per domain, a digest per side in the task's
@@ -265,8 +266,9 @@ class Artifacts:
     def evaluation(self, task: str) -> EvaluateOutput:
         return EvaluateOutput(Path(self.paths["evaluate"]) / task)
 
-    def last_good(self, stage: str, task: str) -> Path:
-        return Path(self.paths["checkpoints"]) / stage / task / "last_good.pt"
+    def checkpoints(self, stage: str, item: str) -> Path:
+        """The resume area of a stage item (:mod:`pipeline.resume`)."""
+        return Path(self.paths["checkpoints"]) / stage / item
 
     def run_info(self, stage: str) -> Path:
         return Path(self.paths["run_info"]) / f"{stage}.json"

@@ -190,3 +190,26 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or holds more than weights (pickled objects)."""
+
+
+def load_checkpoint(path: str | os.PathLike, *, what: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that cannot be read raises :class:`CheckpointError`.
+
+    The message names the file, ``what`` was expected and ``fix``. torch's own message is left out on purpose
+    (``from None``): for a file the restricted unpickler refuses it suggests ``weights_only=False``, which
+    would run arbitrary code from the file; checkpoints here only ever hold tensors and plain containers.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file, expected {what}; {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure means the same thing to the user
+        raise CheckpointError(f"{path}: cannot be read as {what} ({type(exc).__name__}: the file is truncated, "
+                              f"corrupt or not a weights-only checkpoint); {fix}") from None

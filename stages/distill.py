@@ -3,8 +3,9 @@
 The methods are the registry :data:`pipeline.methods.METHODS`; each method's module says what it trains.
 No target label is read. Each task's output is self-contained for inference (trainable state, class vectors, logit scale,
 model identities with precision and preprocessing), plus per-epoch target predictions for the evaluate
-stage. The last good state of a running task is kept under ``paths.checkpoints`` (not a DVC output), so a
-collapse or divergence leaves it in place.
+stage. A running task's snapshot (its last good state) and a finished task's outputs are kept under
+``paths.checkpoints`` (not a DVC output) until the stage completes, so a collapse or divergence leaves the
+snapshot in place and a re-run continues where an interrupted one stopped (:mod:`pipeline.resume`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pipeline.methods import METHODS
 from pipeline.methods.base import TaskJob
 from pipeline.models.factory import load_model
 from pipeline.orchestration.stage import checked_model_spec, entry, record_run, run_stage_items, start, task_label
+from pipeline.resume import clear_stage, item_resume, task_inputs
 
 STAGE = "distill"
 
@@ -31,10 +33,15 @@ def main(argv: list[str] | None = None) -> None:
     artifacts = Artifacts(params["paths"])
     with atomic_dir(params["paths"]["distill"]) as tmp:
         def work(name, task, device):
-            models = {role: load_model(spec, device=device) for role, spec in specs.items()}
             out = artifacts.writing(STAGE, tmp).student(name)
+            area = item_resume(params, STAGE, name, inputs=task_inputs(params, name, features=True),
+                               label=f"task {name}")
+            return area.run(out.dir, lambda: train(name, task, device, out, area.snapshot))
+
+        def train(name, task, device, out, snapshot):
+            models = {role: load_model(spec, device=device) for role, spec in specs.items()}
             job = TaskJob(name=name, task=task, params=params, models=models, device=device, artifacts=artifacts,
-                          checkpoint_path=artifacts.last_good(STAGE, name), output=out)
+                          checkpoint_path=snapshot, output=out)
             result = method.run(job)
             vectors = result.class_vectors
             atomic_torch_save(out.checkpoint, {
@@ -50,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             return result.log[-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))
+    clear_stage(params, STAGE, params["tasks"])
     record_run(params, STAGE)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import torch
 
 from pipeline.artifacts import SIDES, Artifacts, keys_digest
 from pipeline.config import task_domains
@@ -21,7 +20,7 @@ from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_keys
 from pipeline.features.cache import (build_index, encode_images, encode_shards, logits, prompted_vectors,
                                      save_index, zero_shot_vectors)
-from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json
+from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, load_checkpoint
 from pipeline.methods.shared import build_teacher
 from pipeline.models.factory import assert_same_identity, load_model
 from pipeline.orchestration.stage import (checked_model_spec, entry, record_run, run_stage_items, shard_dir,
@@ -53,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         def task_work(name, task, device):
             model = load_model(spec, device=device)
             prompt_path = artifacts.prompts(name).prompt
-            prompt = torch.load(prompt_path, map_location="cpu", weights_only=True)
+            prompt = load_checkpoint(prompt_path, what="the prompts stage's prompt.pt (weights only)",
+                                     fix="re-create it with `dvc repro prompts`")
             assert_same_identity(model.identity, prompt["identity"], what=str(prompt_path))
             classnames = [prompt_name(c) for c in prompt["classes"]]
             zero_shot = zero_shot_vectors(model, classnames, ft["templates"], device=device)

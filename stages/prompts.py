@@ -2,7 +2,8 @@
 
 Text context (CoOp), shallow visual prompts (VPT) or both, with optional PromptSRC-style regularisation
 towards the zero-shot teacher (its text vectors are the ``features.templates`` ensemble) and Gaussian
-prompt aggregation; see :mod:`pipeline.methods.source_prompts`.
+prompt aggregation; see :mod:`pipeline.methods.source_prompts`. An interrupted run continues from each
+task's snapshot and reuses tasks that finished (:mod:`pipeline.resume`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
 from pipeline.orchestration.stage import (checked_model_spec, entry, record_run, run_stage_items, shard_dir,
                                           start, task_label)
+from pipeline.resume import clear_stage, item_resume, task_inputs
 
 STAGE = "prompts"
 
@@ -30,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     spec = checked_model_spec(params, "teacher")  # before any work
     with atomic_dir(params["paths"]["prompts"]) as tmp:
         def work(name, task, device):
+            out_dir = Artifacts(params["paths"]).writing(STAGE, tmp).prompts(name)
+            area = item_resume(params, STAGE, name, inputs=task_inputs(params, name, features=False),
+                               label=f"task {name}")
+            return area.run(out_dir.dir, lambda: train(name, task, device, out_dir, area.snapshot))
+
+        def train(name, task, device, out_dir, snapshot):
             teacher = load_model(spec, device=device)
             classes = shard_classes(*(shard_dir(params, task["dataset"], task[s]) for s in ("source", "target")))
             classnames = [prompt_name(c) for c in classes]
@@ -41,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
                 teacher_model=teacher, classnames=classnames, config=pr, zs_text=zs_text,
                 shard_dir=shard_dir(params, task["dataset"], task["source"]), epochs=pr["epochs"],
                 batch_size=pr["batch_size"], lr=pr["lr"], momentum=pr["momentum"], weight_decay=pr["weight_decay"],
-                seed=params["seed"], device=device, num_workers=rt["num_workers"], deterministic=rt["deterministic"])
-            out_dir = Artifacts(params["paths"]).writing(STAGE, tmp).prompts(name)
+                seed=params["seed"], device=device, num_workers=rt["num_workers"], deterministic=rt["deterministic"],
+                checkpoint_path=snapshot)
             atomic_torch_save(out_dir.prompt, {
                 "states": out["states"], "reported": out["reported"], "gpa": out["gpa"],
                 "config": {k: pr[k] for k in TEACHER_KEYS}, "train_transform": pr["augment"], "classes": classes,
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             return out["log"][-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))
+    clear_stage(params, STAGE, params["tasks"])
     record_run(params, STAGE)
 
 

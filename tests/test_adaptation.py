@@ -57,7 +57,8 @@ def test_ekda_trains_teacher_and_student_without_target_labels(teacher, student,
     assert all(torch.equal(p, before[k]) for k, p in teacher.model.named_parameters())  # CLIP frozen
     saved = torch.load(tmp_path / "ekda.pt", weights_only=True)
     assert saved["epoch"] == 2 and set(saved["state"]) == {"teacher", "student", "loss"}
-    again = _ekda(teacher, student, digits_shards, target, cached, tmp_path)
+    # a fresh snapshot path: the same one would resume the finished run instead of training again
+    again = _ekda(teacher, student, digits_shards, target, cached, tmp_path, checkpoint_path=tmp_path / "again.pt")
     assert np.array_equal(out.predictions, again.predictions)  # seeded: repeatable on CPU
 
 
@@ -190,7 +191,8 @@ def test_every_method_trains_on_seeded_train_views(teacher, student, digits_shar
     target = copy_without_labels(digits_shards["mnist"], tmp_path / "mnist")  # augmentation must not read labels
     runs = {}
     for augment in ("dassl", "dassl", "none"):
-        ekda = _ekda(teacher, student, digits_shards, target, cached, tmp_path, epochs=1, augment=augment)
+        ekda = _ekda(teacher, student, digits_shards, target, cached, tmp_path, epochs=1, augment=augment,
+                     checkpoint_path=None)  # no snapshot: each run trains
         dapl = _dapl(teacher, digits_shards, cached, epochs=1, augmented=None if augment == "none" else {
             "source_dir": digits_shards["usps"], "target_dir": target, "augment": augment, "num_workers": 0})
         runs.setdefault(augment, []).append((ekda, dapl))

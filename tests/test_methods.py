@@ -62,7 +62,7 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
     # trainable: prompts 2x2x32 + projector 32->64 (linear, BN, linear)
     assert out.trainable_params == 2 * 2 * 32 + (32 * 64 + 64) + 2 * 64 + (64 * 64 + 64)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 3
-    again = distill_promptkd(**args)
+    again = distill_promptkd(**{**args, "checkpoint_path": None})  # the same path would resume the finished run
     assert np.array_equal(out.predictions, again.predictions)
 
 

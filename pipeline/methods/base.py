@@ -74,7 +74,7 @@ class TaskJob:
     models: dict[str, LoadedModel]
     device: str
     artifacts: Artifacts
-    checkpoint_path: Path | None = None
+    checkpoint_path: Path | None = None  # the task's resume snapshot (pipeline.resume; fit resumes from it)
     output: StudentOutput | None = None  # the task's output folder (being written), for method-specific files
 
     # -- settings ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pipeline.data.shards import image_loader
 from pipeline.data.transforms import TRAIN_TRANSFORMS, strong_transform, train_transform
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
-from pipeline.methods.shared import endless_batches
+from pipeline.methods.shared import EndlessBatches
 from pipeline.methods.training import Prediction, Step, fit, seeded, update
 from pipeline.models.residual import RstProjection, dsp_counts, frozen_copy, save_residual
 from pipeline.schema import Block, boolean, integer, number, template, text
@@ -307,9 +307,9 @@ def run(job: TaskJob) -> MethodResult:
     views = (weak, strong_transform(student.identity["preprocess"], visda=block["augment"] == "cmkd_visda")) \
         if fixmatch else (weak,)
     bs, workers = block["batch_size"], job.num_workers
-    sources = endless_batches(job.shard_dir("source"), batch_size=bs, seed=job.seed, with_labels=True,
+    sources = EndlessBatches(job.shard_dir("source"), batch_size=bs, seed=job.seed, with_labels=True,
                               num_workers=workers, min_size=bs, views=(weak,))
-    targets = endless_batches(job.shard_dir("target"), batch_size=bs, seed=job.seed + 7919, with_labels=False,
+    targets = EndlessBatches(job.shard_dir("target"), batch_size=bs, seed=job.seed + 7919, with_labels=False,
                               num_workers=workers, min_size=bs, views=views)
 
     def batches(_epoch: int):
@@ -338,6 +338,8 @@ def run(job: TaskJob) -> MethodResult:
     out = fit(steps=[Step("cmkd", step, optimizer, scheduler, per="iteration",
                           after=None if rst is None else lambda: rst(model.visual))],
               epochs=block["epochs"], batches=batches, predict=predict, state=state, train_mode=model.train,
+              modules={"head": model.head, "visual": model.visual},
+              resumable={"sources": sources, "targets": targets},  # streams that outlive an epoch
               **job.fit_settings("cmkd"))
     trained, head = _cpu(dict(model.visual.named_parameters())), _cpu(model.head.state_dict())
     base_cpu, dim = _cpu(base), model.text_vectors.shape[1]

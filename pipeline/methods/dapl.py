@@ -29,7 +29,7 @@ from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np, zero_shot_vectors
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
-from pipeline.methods.shared import KeyedRows, endless_batches, train_views
+from pipeline.methods.shared import EndlessBatches, KeyedRows, train_views
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptTokens, own_parameters, own_state
@@ -140,26 +140,30 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
         return Prediction(target_keys, (ft @ text[1].t()).argmax(1).cpu().numpy())
 
     state = lambda: {"prompts": prompts.trainable_state()}  # noqa: E731
-    batches = cached_batches if augmented is None else _augmented_batches(
-        model, naive=KeyedRows(target_keys, naive_probs, "naive pseudo-labels"), batch_size=batch_size, seed=seed,
-        device=device, **augmented)
+    batches, resumable = cached_batches, {"generator": generator, "target": target}
+    if augmented is not None:
+        batches, resumable["targets"] = _augmented_batches(
+            model, naive=KeyedRows(target_keys, naive_probs, "naive pseudo-labels"), batch_size=batch_size,
+            seed=seed, device=device, **augmented)
     out = fit(where="dapl", epochs=epochs, batches=batches, steps=[Step("prompts", step, optimizer, scheduler)],
               predict=predict, state=state, train_mode=prompts.train, n_classes=len(classnames),
-              collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
+              collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path,
+              modules={"prompts": prompts}, resumable=resumable)
     return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
                         trainable_params=sum(p.numel() for p in trainable))
 
 
 def _augmented_batches(model: LoadedModel, *, naive: KeyedRows, source_dir, target_dir, augment: str,
                        num_workers: int, batch_size: int, seed: int, device: str):
-    """Batches of frozen image features of random train views: (source feats, labels, target feats, naive probs)."""
+    """Batches of frozen image features of random train views (source feats, labels, target feats, naive
+    probs), and the target stream (its position is resume state)."""
     views = train_views(model, augment)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(model.spec.precision, device):
             return F.normalize(model.model.encode_image(images.to(device)).float(), dim=-1)
 
-    target_iter = endless_batches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
+    target_iter = EndlessBatches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
                                   num_workers=num_workers, **views)  # an epoch is one pass over the source
 
     def batches(epoch: int):
@@ -168,7 +172,7 @@ def _augmented_batches(model: LoadedModel, *, naive: KeyedRows, source_dir, targ
             t_keys, t_images = next(target_iter)
             yield encode(images), labels.to(device), encode(t_images), naive(t_keys).to(device)
 
-    return batches
+    return batches, target_iter
 
 
 def make_prompts(clip, tokenizer, classnames: list[str], domains: list[str], dapl: dict[str, Any]) -> DaplPrompts:

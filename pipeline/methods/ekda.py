@@ -31,7 +31,7 @@ from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.refine import KnnRefiner
 from pipeline.methods.shared import (KeyedRows, build_student, build_teacher, loss_state, make_student,
-                                     endless_batches, predict_student, train_views)
+                                     EndlessBatches, predict_student, train_views)
 from pipeline.methods.source_prompts import teacher_step_loss
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
@@ -94,7 +94,7 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                                      epochs=epochs)
     opt_s, sched_s = sgd_with_cosine(s_params, lr=lr, momentum=momentum, weight_decay=weight_decay, epochs=epochs)
     weights = {k: ekda[k] for k in ("text_weight", "image_weight", "kl_weight")}
-    targets = endless_batches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
+    targets = EndlessBatches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
                               num_workers=num_workers, min_size=2,  # BatchNorm in the projector needs two samples
                               **train_views(student_model, augment))
 
@@ -137,7 +137,9 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
                      "loss": loss_state(loss)}
     out = fit(where="ekda", epochs=epochs, batches=batches, predict=predict, state=state,
               steps=[Step("teacher", teacher_step, opt_t, sched_t), Step("student", student_step, opt_s, sched_s)],
-              n_classes=len(classnames), collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
+              n_classes=len(classnames), collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path,
+              modules={"teacher": teacher, "student": student, "loss": loss},
+              resumable={"targets": targets, **({"refiner": refiner} if refiner is not None else {})})
     trainable = {"student": sum(p.numel() for p in s_params), "teacher": sum(p.numel() for p in t_params)}
     return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
                         trainable_params=trainable["student"] + trainable["teacher"],

@@ -93,7 +93,8 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     state = lambda: {"student": student.trainable_state(), "loss": loss_state(loss)}  # noqa: E731
     out = fit(where="promptkd distill", epochs=epochs, batches=batches, train_mode=train_mode,
               steps=[Step("student", step, optimizer, scheduler)], predict=predict, state=state,
-              n_classes=W.shape[0], collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path)
+              n_classes=W.shape[0], collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path,
+              modules={"student": student, "loss": loss})
     return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
                         trainable_params=sum(p.numel() for p in trainable), log_extra={"loss": loss.name})
 

@@ -41,6 +41,13 @@ class KnnRefiner:
             self.bank[rows] = probs.detach().float().cpu()
         return self.bank[self.neighbours[rows]].mean(1)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The bank (the only thing that changes): a resumed run continues with the latest probabilities."""
+        return {"bank": self.bank.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.bank.copy_(state["bank"])
+
     def refine_all(self) -> np.ndarray:
         """Refined probabilities of every row (bank order)."""
         return self.bank[self.neighbours].mean(1).numpy()

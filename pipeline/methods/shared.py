@@ -91,17 +91,42 @@ def train_views(model: LoadedModel, augment: str) -> dict[str, Any]:
     return {"views": (train_transform(augment, model.identity["preprocess"]),)}
 
 
-def endless_batches(shard_dir: Path, *, batch_size: int, seed: int, with_labels: bool, num_workers: int,
-                    min_size: int = 1, **views: Any):
+class EndlessBatches:
     """Shuffled batches forever, re-shuffled with a new pass seed each pass (the originals' infinite loaders);
-    batches smaller than ``min_size`` are dropped (``min_size = batch_size`` is ``drop_last``)."""
-    epoch = 0
-    while True:
-        epoch += 1
-        for batch in image_loader(shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                  with_labels=with_labels, num_workers=num_workers, **views):
-            if len(batch[0]) >= min_size:
-                yield batch
+    batches smaller than ``min_size`` are dropped (``min_size = batch_size`` is ``drop_last``).
+
+    A method's stream outlives an epoch, so its position (pass, loader batches taken in it) is state a
+    resumed run needs (:func:`pipeline.methods.training.fit`'s ``resumable``): after ``load_state_dict``
+    the pass is reopened and the batches already taken are drawn again and skipped (passes are seeded per
+    sample, so the rest of the pass is the same).
+    """
+
+    def __init__(self, shard_dir: Path, *, batch_size: int, seed: int, with_labels: bool, num_workers: int,
+                 min_size: int = 1, **views: Any):
+        self.loader = dict(shard_dir=shard_dir, batch_size=batch_size, shuffle=True, seed=seed,
+                           with_labels=with_labels, num_workers=num_workers, **views)
+        self.min_size, self.pass_, self.taken, self._batches = min_size, 1, 0, None
+
+    def __iter__(self) -> "EndlessBatches":
+        return self
+
+    def __next__(self):
+        while True:
+            if self._batches is None:
+                self._batches = iter(image_loader(epoch=self.pass_, **self.loader))
+                for _ in range(self.taken):
+                    next(self._batches)
+            for batch in self._batches:
+                self.taken += 1
+                if len(batch[0]) >= self.min_size:
+                    return batch
+            self.pass_, self.taken, self._batches = self.pass_ + 1, 0, None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"pass": self.pass_, "taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.pass_, self.taken, self._batches = state["pass"], state["taken"], None
 
 
 def loss_state(loss: nn.Module) -> dict[str, torch.Tensor]:

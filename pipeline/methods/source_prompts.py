@@ -83,13 +83,15 @@ def _cached_batches(feats, labels, batch_size, generator) -> Iterator[tuple[None
 def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], shard_dir: str | Path,
                          config: dict[str, Any], zs_text: torch.Tensor | None, epochs: int, batch_size: int,
                          lr: float, momentum: float, weight_decay: float, seed: int, device: str,
-                         num_workers: int = 0, deterministic: bool = True) -> dict[str, Any]:
+                         num_workers: int = 0, deterministic: bool = True, checkpoint_path: str | Path | None = None
+                         ) -> dict[str, Any]:
     """Learn the teacher's prompts on labelled source shards.
 
     ``config`` holds :data:`TEACHER_KEYS` plus ``augment`` (a train transform kind; absent: none),
     ``text_weight``, ``image_weight``, ``kl_weight``,
     ``gpa_mean`` (0: off) and ``gpa_std``. Returns per-epoch trainable states, the reported state (GPA
-    aggregate or last epoch) and a log.
+    aggregate or last epoch) and a log. ``checkpoint_path``: the run's snapshot, resumed from when it exists
+    (:func:`pipeline.methods.training.fit`).
     """
     model, precision, scale = teacher_model.model.to(device), teacher_model.spec.precision, teacher_model.logit_scale
     with seeded(seed, deterministic=deterministic) as generator:
@@ -144,7 +146,9 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
         model.eval()  # frozen CLIP: its dropout/norm layers stay in eval mode
 
     out = fit(where="prompts", epochs=epochs, batches=batches, steps=[Step("prompts", step, optimizer, scheduler)],
-              predict=None, train_mode=train_mode, epoch_end=lambda _: states.append(teacher.trainable_state()))
+              predict=None, train_mode=train_mode, epoch_end=lambda _: states.append(teacher.trainable_state()),
+              state=lambda: {"teacher": teacher.trainable_state()}, modules={"teacher": teacher},
+              checkpoint_path=checkpoint_path, resumable={"generator": generator, "states": states, "seen": seen})
     log, n_source = out["log"], seen[epochs]
     gpa = config["gpa_mean"] > 0
     reported = (aggregate_states(states, gaussian_weights(epochs, config["gpa_mean"], config["gpa_std"]))

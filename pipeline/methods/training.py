@@ -4,24 +4,32 @@ A method supplies its batches, its loss step(s) and its predict; :func:`fit` run
 iteration each :class:`Step` computes its loss, which is checked for NaN/inf, back-propagated and applied
 (then the step's ``after`` hook, e.g. CMKD's RST projection, and a per-iteration scheduler); per epoch the
 per-epoch schedulers step, the method predicts every target image and :class:`EpochRecorder` keeps the
-predictions and the log, guards against collapse and writes the last good checkpoint.
+predictions and the log, guards against collapse and writes the last good checkpoint, which is also the
+snapshot an interrupted run resumes from (everything needed to finish it exactly as if never stopped).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import logging
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.io import atomic_torch_save
+from pipeline.io import CheckpointError, atomic_torch_save, load_checkpoint
 
 _GLOBAL_RNG = threading.Lock()
+# Resume decisions (continue, ignore a snapshot, reuse, start fresh) always get a line in the stage log: a
+# stage process leaves the root logger at Prefect's level (WARNING), which would drop INFO records.
+resume_log = logging.getLogger("pipeline.resume")
+resume_log.setLevel(logging.INFO)
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,12 +75,14 @@ class TrainingCollapsed(RuntimeError):
 
 
 class EpochRecorder:
-    """Per-epoch target predictions, training log, collapse guard and last-good checkpoint of a training run.
+    """Per-epoch log and target predictions of a training run, its collapse guard and its snapshot.
 
-    After each epoch a method hands over its target predictions (shard order), its log entry and its
-    trainable state. If one class takes more than ``collapse_fraction`` of the predictions the run stops
-    with :class:`TrainingCollapsed`, leaving the checkpoint of the previous (good) epoch in place; otherwise
-    the state is written to ``checkpoint_path`` (atomically) and the epoch is kept.
+    After each epoch :func:`fit` hands over the log entry, the target predictions (shard order; None for a
+    run with no target to predict), other rules' predictions, the trainable state and what it needs to
+    resume. If one class takes more than ``collapse_fraction`` of the predictions the run stops with
+    :class:`TrainingCollapsed`, leaving the snapshot of the previous (good) epoch in place; otherwise the
+    epoch is kept and, with a ``checkpoint_path``, written there atomically: ``epoch``, ``state`` (the last
+    good trainable state), ``log``, ``keys``, ``predictions``, ``extra`` and ``resume``.
     """
 
     def __init__(self, *, n_classes: int, collapse_fraction: float, checkpoint_path=None, where: str = "training"):
@@ -80,15 +90,31 @@ class EpochRecorder:
         self.checkpoint_path, self.where = checkpoint_path, where
         self.keys: list[str] | None = None
         self.predictions: list[np.ndarray] = []
+        self.extra: dict[str, list[np.ndarray]] = {}
         self.log: list[dict] = []
 
-    def add(self, epoch: int, keys: list[str], predictions: np.ndarray, log_entry: dict, state: dict) -> None:
+    def add(self, epoch: int, keys: list[str] | None, predictions: np.ndarray | None, log_entry: dict, state: dict,
+            *, extra: dict[str, np.ndarray] | None = None, resume: dict | None = None) -> None:
+        if predictions is not None:
+            log_entry = self._guard(epoch, keys, np.asarray(predictions), log_entry)
+            self.keys = keys
+            self.predictions.append(np.asarray(predictions))
+        for name, preds in (extra or {}).items():
+            self.extra.setdefault(name, []).append(np.asarray(preds))
+        self.log.append(log_entry)
+        if self.checkpoint_path is not None:
+            atomic_torch_save(self.checkpoint_path, {
+                "epoch": epoch, "state": state, "log": self.log, "keys": self.keys,
+                "predictions": [torch.from_numpy(p) for p in self.predictions],  # weights-only files hold tensors
+                "extra": {k: [torch.from_numpy(p) for p in v] for k, v in self.extra.items()}, "resume": resume})
+
+    def _guard(self, epoch: int, keys: list[str], predictions: np.ndarray, log_entry: dict) -> dict:
+        """The log entry with ``top_class_fraction``, after checking the order of rows and for collapse."""
         if self.keys is not None and keys != self.keys:  # rows of every epoch must mean the same images
             raise RuntimeError(f"{self.where}: target predictions of epoch {epoch} came in a different order")
         counts = np.bincount(predictions, minlength=self.n_classes)
         top = int(counts.argmax())
         fraction = float(counts[top]) / max(len(predictions), 1)
-        log_entry = {**log_entry, "top_class_fraction": round(fraction, 4)}
         if fraction > self.collapse_fraction:
             kept = (f"the last good checkpoint (epoch {epoch - 1}) is kept at {self.checkpoint_path}"
                     if self.checkpoint_path and epoch > 1 else "no earlier epoch to keep")
@@ -96,14 +122,17 @@ class EpochRecorder:
                 f"{self.where}: epoch {epoch} predicts class {top} for {100 * fraction:.1f}% of the target images "
                 f"(limit distill.collapse_fraction={self.collapse_fraction}); training collapsed, {kept}. Lower "
                 f"the learning rate, shorten training or raise the pseudo-label threshold")
-        self.keys = keys
-        self.predictions.append(np.asarray(predictions))
-        self.log.append(log_entry)
-        if self.checkpoint_path is not None:
-            atomic_torch_save(self.checkpoint_path, {"epoch": epoch, "state": state, "log": self.log})
+        return {**log_entry, "top_class_fraction": round(fraction, 4)}
+
+    def restore(self, snapshot: dict) -> None:
+        """Take back the epochs a snapshot written by :meth:`add` holds."""
+        self.keys, self.log = snapshot["keys"], list(snapshot["log"])
+        self.predictions = [p.numpy() for p in snapshot["predictions"]]
+        self.extra = {k: [p.numpy() for p in v] for k, v in snapshot["extra"].items()}
 
     def result(self) -> dict:
-        return {"keys": self.keys, "predictions": np.stack(self.predictions), "log": self.log}
+        return {"keys": self.keys, "predictions": np.stack(self.predictions) if self.predictions else None,
+                "extra": {k: np.stack(v) for k, v in self.extra.items()}, "log": self.log}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +167,8 @@ class Step:
 class Prediction:
     """Target predictions of one epoch in ``keys`` order; ``extra`` holds other inference rules' predictions."""
 
-    keys: list[str]
-    predictions: np.ndarray
+    keys: list[str] | None
+    predictions: np.ndarray | None
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
@@ -157,22 +186,40 @@ def update(optimizer: torch.optim.Optimizer, value: torch.Tensor, *, where: str,
 def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: list[Step],
         predict: Callable[[], Prediction] | None, state: Callable[[], dict] | None = None, n_classes: int = 0,
         collapse_fraction: float = 1.0, checkpoint_path=None, train_mode: Callable[[], None] | None = None,
-        epoch_end: Callable[[int], None] | None = None) -> dict[str, Any]:
+        epoch_end: Callable[[int], None] | None = None, modules: dict[str, torch.nn.Module] | None = None,
+        resumable: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train for ``epochs``; return ``{keys, predictions [E, N], extra {name: [E, N]}, log}``.
 
     ``batches(epoch)`` yields the epoch's batches; ``train_mode()`` (called before each epoch) puts the
     modules in training mode (frozen backbones stay in eval mode); ``epoch_end(epoch)`` runs after the
-    epoch's schedulers stepped. The log of an epoch holds the mean per iteration of every value the steps
-    return, each step's learning rate (``lr`` for one step, else ``lr_<name>``), the iteration count and the
-    seconds it took. Without ``predict`` (the source prompts, which have no target to predict) nothing is
-    recorded but the log.
+    epoch's schedulers stepped, before ``predict``. The log of an epoch holds the mean per iteration of every
+    value the steps return, each step's learning rate (``lr`` for one step, else ``lr_<name>``), the
+    iteration count and the seconds it took. Without ``predict`` (the source prompts, which have no target
+    to predict) ``keys`` and ``predictions`` are None.
+
+    Resuming: after every epoch :class:`EpochRecorder` writes a snapshot to ``checkpoint_path``. If that
+    file exists when ``fit`` starts, training continues after the snapshot's epoch: ``state()``'s entries
+    are loaded back into ``modules`` (same names), and the steps' optimisers and schedulers, ``resumable``
+    (name -> torch generator, dict or list restored in place, or an object with ``state_dict`` /
+    ``load_state_dict``: the method's generators, data-stream positions, counters), the iteration counter
+    and the global random states (Python, numpy, torch, CUDA) get their saved states back, so the run ends
+    exactly as an uninterrupted one. The caller keys the path by what produced the run
+    (:mod:`pipeline.resume`); an unreadable snapshot is logged and ignored.
     """
     recorder = EpochRecorder(n_classes=n_classes, collapse_fraction=collapse_fraction,
-                             checkpoint_path=checkpoint_path, where=where) if predict is not None else None
-    log: list[dict] = []
-    extra: dict[str, list[np.ndarray]] = {}
-    t = 0
-    for epoch in tqdm(range(1, epochs + 1), desc=f"{where} epochs", unit="epoch"):
+                             checkpoint_path=checkpoint_path, where=where)
+    carried = {**{f"optimizer.{s.name}": s.optimizer for s in steps},
+               **{f"scheduler.{s.name}": s.scheduler for s in steps if s.scheduler is not None}, **(resumable or {})}
+    first, t = 1, 0
+    snapshot = _read_snapshot(checkpoint_path, where)
+    if snapshot is not None:
+        recorder.restore(snapshot)
+        _load_modules(modules or {}, snapshot["state"], where=where)
+        t = _restore(carried, snapshot["resume"])
+        first = snapshot["epoch"] + 1
+        resume_log.info("%s: resuming from %s after epoch %d of %d", where, checkpoint_path, first - 1, epochs)
+    for epoch in tqdm(range(first, epochs + 1), desc=f"{where} epochs", unit="epoch", initial=first - 1,
+                      total=epochs):
         start, sums, iterations = time.perf_counter(), {}, 0
         kept = str(checkpoint_path) if checkpoint_path and epoch > 1 else None
         lrs = {s.name: s.optimizer.param_groups[0]["lr"] for s in steps}  # the epoch's (first) learning rate
@@ -193,17 +240,92 @@ def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: l
         for step in steps:
             if step.scheduler is not None and step.per == "epoch":
                 step.scheduler.step()
+        if epoch_end is not None:
+            epoch_end(epoch)
         lr_log = {"lr": next(iter(lrs.values()))} if len(lrs) == 1 else {f"lr_{k}": v for k, v in lrs.items()}
         entry = {"epoch": epoch, **{k: v / max(iterations, 1) for k, v in sums.items()}, **lr_log,
                  "iterations": iterations, "seconds": time.perf_counter() - start}
-        if recorder is None:
-            log.append(entry)
-        else:
-            out = predict()
-            for name, preds in out.extra.items():
-                extra.setdefault(name, []).append(np.asarray(preds))
-            recorder.add(epoch, out.keys, out.predictions, entry, state=state())
-        if epoch_end is not None:
-            epoch_end(epoch)
-    return {**(recorder.result() if recorder is not None else {"log": log}),
-            "extra": {k: np.stack(v) for k, v in extra.items()}}
+        out = predict() if predict is not None else Prediction(None, None)
+        # taken after predict: the next epoch starts from exactly these states
+        resume = {"t": t, "carried": {k: _state_of(v) for k, v in carried.items()},
+                  "rng": _global_rng_states()} if checkpoint_path is not None else None
+        recorder.add(epoch, out.keys, out.predictions, entry, state=state() if state is not None else {},
+                     extra=out.extra, resume=resume)
+    return recorder.result()
+
+
+def _read_snapshot(path, where: str) -> dict | None:
+    """The snapshot at ``path``, or None when there is none or it cannot be used (logged: a fresh start)."""
+    if path is None or not Path(path).is_file():
+        return None
+    fresh = "it is ignored and training starts from epoch 1"
+    try:
+        snapshot = load_checkpoint(path, what="a training snapshot", fix=fresh)
+    except CheckpointError as exc:
+        resume_log.warning("%s: %s", where, exc)
+        return None
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("resume"), dict):
+        resume_log.warning("%s: %s holds no resume state (an older last-good checkpoint?); %s", where, path, fresh)
+        return None
+    return snapshot
+
+
+def _load_modules(modules: dict[str, torch.nn.Module], state: dict, *, where: str) -> None:
+    """Load ``state()``'s saved entries into ``modules``; entries left out of it (frozen backbones) stay."""
+    if set(modules) != set(state):
+        raise RuntimeError(f"{where}: the snapshot holds state of {sorted(state)} but the run restores "
+                           f"{sorted(modules)}")
+    for name, module in modules.items():
+        unexpected = module.load_state_dict(state[name], strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"{where}: snapshot entries {unexpected[:5]} do not fit the model part {name!r}")
+
+
+def _state_of(obj: Any) -> Any:
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, (dict, list)):
+        return copy.copy(obj)
+    return obj.state_dict()
+
+
+def _load_into(obj: Any, saved: Any) -> None:
+    if isinstance(obj, torch.Generator):
+        obj.set_state(saved)
+    elif isinstance(obj, dict):
+        obj.clear()
+        obj.update(saved)
+    elif isinstance(obj, list):
+        obj[:] = saved
+    else:
+        obj.load_state_dict(saved)
+
+
+def _restore(carried: dict[str, Any], resume: dict) -> int:
+    """Put the saved states back into ``carried`` and the global generators; return the iteration counter."""
+    if set(carried) != set(resume["carried"]):
+        raise RuntimeError(f"snapshot holds {sorted(resume['carried'])}, the run carries {sorted(carried)}")
+    for name, obj in carried.items():
+        _load_into(obj, resume["carried"][name])
+    _set_global_rng_states(resume["rng"])
+    return resume["t"]
+
+
+def _global_rng_states() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (when in use) CUDA generator states, as weights-only-loadable values."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                        "has_gauss": has_gauss, "gauss": gauss}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_global_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
