@@ -9,9 +9,10 @@ here, so stages and run records see every value). Enumerations are imported from
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -205,3 +206,22 @@ def task_domains(params: dict[str, Any]) -> dict[str, tuple[str, str]]:
         for side in ("source", "target"):
             out[f"{task['dataset']}/{task[side]}"] = (task["dataset"], task[side])
     return out
+
+
+def stage_declaration(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict[str, Any]:
+    """The stage's entry in ``dvc.yaml`` (empty when there is no such file or stage)."""
+    path = Path(dvc_yaml)
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()).get("stages", {}).get(stage, {}) or {}
+
+
+def resolve_keys(params: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``{"a.b": params["a"]["b"], ...}`` for dotted params keys."""
+    resolved = {}
+    for key in keys:
+        node: Any = params
+        for part in key.split("."):
+            node = node[part]
+        resolved[key] = node
+    return resolved

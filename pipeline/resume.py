@@ -25,32 +25,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import yaml
 
 from pipeline.artifacts import SIDES, Artifacts
+from pipeline.config import resolve_keys, stage_declaration
 from pipeline.io import atomic_write_json, read_json
 from pipeline.methods.training import resume_log as log
 
 SMALL_FILE = 1 << 20  # files up to 1 MiB (manifests, keys, metadata, code) are hashed by content
-
-
-def stage_declaration(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> dict[str, Any]:
-    """The stage's entry in ``dvc.yaml`` (empty when there is no such file or stage)."""
-    path = Path(dvc_yaml)
-    if not path.is_file():
-        return {}
-    return yaml.safe_load(path.read_text()).get("stages", {}).get(stage, {}) or {}
-
-
-def resolve_keys(params: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    """``{"a.b": params["a"]["b"], ...}`` for dotted params keys."""
-    resolved = {}
-    for key in keys:
-        node: Any = params
-        for part in key.split("."):
-            node = node[part]
-        resolved[key] = node
-    return resolved
 
 
 def item_params(params: dict[str, Any], stage: str, item: str, dvc_yaml: str | os.PathLike = "dvc.yaml"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.artifacts import Artifacts
+from pipeline.artifacts import Artifacts, keys_digest
 from pipeline.data.classlists import load_classlist, prompt_name
-from pipeline.data.shards import read_labels
+from pipeline.data.shards import read_labels, shard_keys
 from pipeline.features.cache import encode_images, logits, zero_shot_vectors
 from pipeline.io import CheckpointError, atomic_write_json, load_checkpoint
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
@@ -171,8 +171,10 @@ def _cmkd_job(student, digits_shards, tmp_path, block, path):
         for domain in ("usps", "mnist"):
             (shards / domain).symlink_to(digits_shards[domain])
     artifacts = Artifacts({"shards": str(tmp_path / "shards"), "features": str(tmp_path / "features")})
+    keys = {side: shard_keys(digits_shards[domain]) for side, domain in (("source", "usps"), ("target", "mnist"))}
     atomic_write_json(artifacts.features.task("t").meta_path,
-                      {"classes": load_classlist("digits"), "logit_scale": 20.0})
+                      {"classes": load_classlist("digits"), "logit_scale": 20.0,
+                       "keys": {side: keys_digest(k) for side, k in keys.items()}})
     params = {"seed": 0, "runtime": {"deterministic": True, "num_workers": 0}, "evaluate": {"batch_size": 32},
               "distill": {"method": "cmkd", "collapse_fraction": 1.0, "cmkd": block}}
     return TaskJob(name="t", task={"dataset": "digits", "source": "usps", "target": "mnist"}, params=params,

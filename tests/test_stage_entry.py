@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,20 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_no_code_path_unpickles_extracts_or_listens_beyond_loopback():
+    """Security as the fault review found it: no pickles (torch weights_only, numpy without pickles), YAML
+    only through safe_load, tar members read but never extracted, servers on 127.0.0.1 only."""
+    project = Path(__file__).resolve().parent.parent
+    forbidden = re.compile(r"allow_pickle\s*=\s*True|weights_only\s*=\s*False|yaml\.load\(|yaml\.unsafe_load|"
+                           r"pickle\.loads?\(|\.extractall\(|\.extract\(|0\.0\.0\.0")
+    hits = []
+    for path in sorted([*(project / "pipeline").rglob("*.py"), *(project / "stages").rglob("*.py")]):
+        with open(path, "rb") as fh:  # code only: strings (docstrings) and comments may name these
+            code_lines: dict[int, str] = {}
+            for tok in tokenize.tokenize(fh.readline):
+                if tok.type not in (tokenize.STRING, tokenize.COMMENT, tokenize.ENCODING):
+                    code_lines[tok.start[0]] = code_lines.get(tok.start[0], "") + tok.string
+        hits += [f"{path.relative_to(project)}:{n}: {code}" for n, code in code_lines.items() if forbidden.search(code)]
+    assert not hits, "\n".join(hits)

@@ -31,9 +31,10 @@ The CMKD resizes use torchvision's default interpolation, bilinear, as the origi
 one); the Dassl crop is bicubic, as in the CoOp-family configs (``INPUT.INTERPOLATION: bicubic``).
 
 Random draws come from torch's default CPU generator (torchvision) and from the ``random`` and ``np.random``
-that timm's RandAugment module calls. :func:`pipeline.data.seeding.seeded_call` (used by :func:`pipeline.data.shards.image_loader`
-when given ``views``) seeds torch's generator per sample and view and hands timm's module private seeded
-generators, which makes these transforms reproducible. A new transform must draw from one of those two.
+that timm's RandAugment module calls. :func:`pipeline.data.seeding.seeded_call` (used by
+:func:`pipeline.data.shards.image_loader` when given ``views``) seeds torch's generator per sample and view
+and hands timm's module private seeded generators, which makes these transforms reproducible. A new
+transform must draw from one of those two.
 """
 from __future__ import annotations
 

@@ -21,15 +21,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.io import CheckpointError, atomic_torch_save, load_checkpoint
+from pipeline.progress import progress
 
 _GLOBAL_RNG = threading.Lock()
 # Resume decisions (continue, ignore a snapshot, reuse, start fresh) always get a line in the stage log: a
 # stage process leaves the root logger at Prefect's level (WARNING), which would drop INFO records.
 resume_log = logging.getLogger("pipeline.resume")
-resume_log.setLevel(logging.INFO)
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -218,14 +218,14 @@ def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: l
         t = _restore(carried, snapshot["resume"])
         first = snapshot["epoch"] + 1
         resume_log.info("%s: resuming from %s after epoch %d of %d", where, checkpoint_path, first - 1, epochs)
-    for epoch in tqdm(range(first, epochs + 1), desc=f"{where} epochs", unit="epoch", initial=first - 1,
-                      total=epochs):
+    for epoch in progress(range(first, epochs + 1), desc=f"{where} epochs", unit="epoch", initial=first - 1,
+                          total=epochs):
         start, sums, iterations = time.perf_counter(), {}, 0
         kept = str(checkpoint_path) if checkpoint_path and epoch > 1 else None
         lrs = {s.name: s.optimizer.param_groups[0]["lr"] for s in steps}  # the epoch's (first) learning rate
         if train_mode is not None:
             train_mode()
-        for batch in tqdm(batches(epoch), desc=f"epoch {epoch}", unit="iter", leave=False):
+        for batch in progress(batches(epoch), desc=f"epoch {epoch}", unit="iter", leave=False):
             it = Iteration(epoch=epoch, t=t)
             for step in steps:
                 value, logged = step.loss(batch, it)
@@ -251,6 +251,8 @@ def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: l
                   "rng": _global_rng_states()} if checkpoint_path is not None else None
         recorder.add(epoch, out.keys, out.predictions, entry, state=state() if state is not None else {},
                      extra=out.extra, resume=resume)
+        log.info("%s: epoch %d/%d done in %.1f s: %s", where, epoch, epochs, entry["seconds"],
+                 ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("epoch", "seconds", "iterations")))
     return recorder.result()
 
 

@@ -18,10 +18,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from pipeline.artifacts import Artifacts
-from pipeline.config import load_params
+from pipeline.config import load_params, resolve_keys, stage_declaration
 from pipeline.io import write_run_info
 from pipeline.models.factory import ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
@@ -47,6 +45,9 @@ def start(stage: str, argv: list[str] | None, description: str) -> dict[str, Any
                         help=f"show the traceback of a failure (or set {DEBUG_ENV}=1, e.g. under dvc repro)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
+    # Once Prefect has configured logging (root at WARNING) basicConfig does nothing: the project's own
+    # INFO lines (per-epoch progress, resume decisions) need their level set on the package logger.
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     params = load_params(args.params)
     _lock_stage(stage, Path(params["paths"]["checkpoints"]))
     logging.getLogger(__name__).info("stage %s: params from %s", stage, args.params)
@@ -167,14 +168,6 @@ def record_run(params: dict[str, Any], stage: str, *, dvc_yaml: str | Path = "dv
     Kept outside the stage's data outputs on purpose: a record that differs between machines must not
     change the hash of what the next stage depends on.
     """
-    keys = ["runtime"]
-    if Path(dvc_yaml).is_file():
-        declared = yaml.safe_load(Path(dvc_yaml).read_text()).get("stages", {}).get(stage, {}).get("params", [])
-        keys = [k for k in declared if isinstance(k, str)] + keys
-    resolved: dict[str, Any] = {}
-    for key in keys:
-        node: Any = params
-        for part in key.split("."):
-            node = node[part]
-        resolved[key] = node
+    declared = stage_declaration(stage, dvc_yaml).get("params", [])
+    resolved = resolve_keys(params, [k for k in declared if isinstance(k, str)] + ["runtime"])
     return write_run_info(Artifacts(params["paths"]).run_info(stage), stage=stage, params=resolved)
