@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.io import atomic_save_npy, atomic_savez, atomic_write_json, read_json
+from pipeline.io import DamagedFileError, atomic_save_npy, atomic_savez, atomic_write_json, load_array, read_json
 
 SIDES = ("source", "target")
 REBUILD = "re-run the features stage: `dvc repro -f -s features`"
+REDISTILL = "restore it with `dvc checkout` or re-run the distill stage: `dvc repro -f -s distill`"
 
 
 class StaleCacheError(ValueError):
@@ -107,7 +109,7 @@ class DomainFeatures:
     def features(self, expected: list[str]) -> np.ndarray:
         """The features [N, D], rows in ``expected`` order (checked against ``keys.json`` and N)."""
         self.keys(expected)
-        feats = np.load(self.features_path)
+        feats = load_array(self.features_path, fix=REBUILD)
         if len(feats) != len(expected):
             raise StaleCacheError(f"{self.features_path} has {len(feats)} rows, {self.keys_path} lists "
                                   f"{len(expected)} keys; {REBUILD}")
@@ -128,6 +130,10 @@ class TaskFeatures:
     """
 
     dir: Path
+
+    def load(self, path: Path) -> np.ndarray:
+        """One of the arrays above; a missing or damaged file stops with its name and the fix."""
+        return load_array(path, fix=REBUILD)
 
     @property
     def class_vectors(self) -> Path:
@@ -222,11 +228,17 @@ class StudentOutput:
         if extra:
             atomic_savez(self.extra_predictions, extra)
 
+    def read_predictions(self) -> np.ndarray:
+        return load_array(self.predictions, fix=REDISTILL)
+
     def read_extra_predictions(self) -> dict[str, np.ndarray]:
         if not self.extra_predictions.is_file():
             return {}
-        with np.load(self.extra_predictions, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        try:
+            with np.load(self.extra_predictions, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise DamagedFileError(f"{self.extra_predictions}: damaged or incomplete ({exc}); {REDISTILL}") from None
 
 
 @dataclasses.dataclass(frozen=True)

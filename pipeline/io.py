@@ -192,8 +192,24 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-class CheckpointError(RuntimeError):
+class DamagedFileError(RuntimeError):
+    """A stored output is missing, truncated or corrupt; the message names the file and the fix."""
+
+
+class CheckpointError(DamagedFileError):
     """A checkpoint file is missing, truncated, corrupt or holds more than weights (pickled objects)."""
+
+
+def load_array(path: str | os.PathLike, *, fix: str) -> np.ndarray:
+    """``np.load(path)`` of a ``.npy`` array (no pickles); a missing or damaged file raises
+    :class:`DamagedFileError` naming it and ``fix`` (numpy's own message names neither)."""
+    path = Path(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DamagedFileError(f"{path}: no such file; {fix}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise DamagedFileError(f"{path}: damaged or incomplete ({exc}); {fix}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, *, what: str, fix: str) -> Any:

@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
             for side in SIDES:
                 y = labels_in_order(params, task["dataset"], task[side], keys[side])
                 models["zeroshot_teacher"][side] = classification_metrics(
-                    y, np.load(cached.zeroshot_preds(side)), len(classes))
-                models["source_teacher"][side] = epoch_summary(y, np.load(cached.teacher_preds(side)), len(classes))
+                    y, cached.load(cached.zeroshot_preds(side)), len(classes))
+                models["source_teacher"][side] = epoch_summary(y, cached.load(cached.teacher_preds(side)), len(classes))
             y = labels_in_order(params, task["dataset"], task["target"], read_json(student.keys))
-            models["student"] = {"target": epoch_summary(y, np.load(student.predictions), len(classes))}
+            models["student"] = {"target": epoch_summary(y, student.read_predictions(), len(classes))}
             log = read_json(student.train_log)
             notes, method = log.get("extra_predictions", {}), log["method"]
             extras = {rule: {"target": epoch_summary(y, preds, len(classes)), "note": notes.get(rule, "")}

@@ -158,7 +158,7 @@ class TaskJob:
         keys meta.json records and the row count are checked first."""
         keys = self.domain_keys(side)
         self.cached.meta({side: keys})
-        rows = np.load(path)
+        rows = self.cached.load(path)
         if len(rows) != len(keys):
             raise StaleCacheError(f"{path} has {len(rows)} rows for the {len(keys)} {side} samples; {REBUILD}")
         return rows

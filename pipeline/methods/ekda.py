@@ -193,7 +193,7 @@ def student_loss(teacher, student, loss_fn: DistillLoss, images: torch.Tensor, *
 
 def run(job: TaskJob) -> MethodResult:
     d, block = job.distill, job.block
-    zs_text = np.load(job.cached.zeroshot_vectors)
+    zs_text = job.cached.load(job.cached.zeroshot_vectors)
     zs_target = job.domain_features("target")
     return train_ekda(
         teacher_model=job.models["teacher"], student_model=job.models["student"], classnames=job.classnames,

@@ -101,7 +101,7 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
 
 def run(job: TaskJob) -> MethodResult:
     d, block = job.distill, job.block
-    class_vectors = np.load(job.cached.class_vectors)
+    class_vectors = job.cached.load(job.cached.class_vectors)
     target_keys = job.domain_keys("target")
     z_t = job.cached_rows(job.cached.target_logits, "target")
     knn = job.knn_refiner(softmax_np(z_t))

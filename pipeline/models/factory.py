@@ -126,13 +126,25 @@ def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu") -> Loaded
     """Build the model in eval mode with frozen weights, plus its eval transform, tokenizer and identity."""
     if spec.precision not in PRECISIONS:
         raise ValueError(f"model.{spec.role}.precision: {spec.precision!r} is not one of {PRECISIONS}")
-    check_weights_available(spec)
-    if spec.is_local_dir:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
-    else:
-        pretrained = None if spec.pretrained == "random" else spec.pretrained
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.name, pretrained=pretrained, device=device, cache_dir=spec.cache_dir)
+    weights = check_weights_available(spec)
+    try:
+        if spec.is_local_dir:
+            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
+        else:
+            pretrained = None if spec.pretrained == "random" else spec.pretrained
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.name, pretrained=pretrained, device=device, cache_dir=spec.cache_dir)
+    except Exception as exc:
+        # A damaged or mismatched weights file: torch raises RuntimeError/EOFError, safetensors its own
+        # SafetensorError (a plain Exception, matched by name so safetensors need not be imported here).
+        damaged = isinstance(exc, (RuntimeError, OSError, ValueError, EOFError)) or \
+            type(exc).__name__ == "SafetensorError"
+        if not damaged:
+            raise
+        raise ModelWeightsError(f"{spec.describe()}: the weights in {weights} cannot be loaded "
+                                f"({type(exc).__name__}: {str(exc)[:200]}); the file is damaged or belongs to "
+                                "another architecture: restore it (`dvc checkout`, or fetch the weights again)"
+                                ) from None
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.name)
     return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer,

@@ -23,7 +23,7 @@ from prefect.types.names import BANNED_CHARACTERS
 
 from pipeline.orchestration.devices import DeviceSlots, visible_devices
 from pipeline.orchestration.server import prefect_api
-from pipeline.progress import Cancelled
+from pipeline.progress import Cancelled, request_stop
 
 # Errnos that say "try again later" rather than "this will never work". ENOSPC is left out on
 # purpose: a full disk stays full, and retrying only burns time before the same failure.
@@ -148,7 +148,13 @@ def run_items(
         futures = {
             name: item_task.with_options(task_run_name=_run_name(stage, name)).submit(name) for name in items
         }
-        wait(list(futures.values()))
+        try:
+            wait(list(futures.values()))
+        except BaseException:
+            # Ctrl-C, or SIGTERM turned by Prefect's own handler into its TerminationSignal: the running items
+            # stop at their next step instead of being awaited to their end by the task runner's shutdown.
+            request_stop()
+            raise
         results: dict[str, Any] = {}
         failures: dict[str, BaseException] = {}
         not_run: list[str] = []

@@ -80,7 +80,7 @@ def _drain_workers() -> None:
     # As prefect.testing.utilities.prefect_test_harness does: send queued logs and events while the
     # server still listens, so nothing is lost and nothing prints connection errors at exit.
     async def drain() -> None:
-        for result in (APILogWorker.drain_all(), EventsWorker.drain_all()):
+        for result in (APILogWorker.drain_all(timeout=10), EventsWorker.drain_all(timeout=10)):
             if inspect.isawaitable(result):
                 await result
 
@@ -101,7 +101,9 @@ def prefect_api() -> Iterator[str]:
         server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-            yield server.api_url
-            _drain_workers()
+            try:
+                yield server.api_url
+            finally:  # also on Ctrl-C: logs still queued would otherwise retry a dead server for a minute
+                _drain_workers()
     finally:
         server.stop()
