@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.command import entry
+
 
 def _smoke(args: argparse.Namespace) -> int:
     from pipeline.smoke import run_smoke
@@ -55,12 +57,12 @@ def _info(args: argparse.Namespace) -> int:
     for item in overrides:  # same spelling as `dvc exp run -S key=value`
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"-S {item!r}: expected key=value, e.g. distill.ekda.n_tokens=2")
+            raise ValueError(f"-S {item!r}: expected key=value, e.g. distill.ekda.n_tokens=2")
         node, *path = key.split(".")
         parent = params
         for part in [node, *path][:-1]:
             if not isinstance(parent.get(part), dict):
-                raise SystemExit(f"-S {item!r}: {part!r} is not a section of {args.params}")
+                raise ValueError(f"-S {item!r}: {part!r} is not a section of {args.params}")
             parent = parent[part]
         parent[key.split(".")[-1]] = yaml.safe_load(value)
     validate_params(params, source=f"{args.params} with {overrides}")
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a params key, e.g. -S distill.ekda.n_tokens=2 (repeatable)")
     info.set_defaults(func=_info)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
-    return args.func(args)
+    return entry("uda-distill", lambda _argv: args.func(args), ["--debug"] if args.debug else [],
+                 kept="nothing of this command's output is used until it completes")
 
 
 if __name__ == "__main__":

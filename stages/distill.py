@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import Artifacts
+from pipeline.command import entry
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods import METHODS
 from pipeline.methods.base import TaskJob
 from pipeline.models.factory import load_model
-from pipeline.orchestration.stage import checked_model_spec, entry, record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import checked_model_spec, record_run, run_stage_items, start, task_label
 from pipeline.resume import clear_stage, item_resume, task_inputs
 
 STAGE = "distill"

@@ -11,11 +11,12 @@ import sys
 import numpy as np
 
 from pipeline.artifacts import SIDES, Artifacts
+from pipeline.command import entry
 from pipeline.data.benchmarks import headline_metric
 from pipeline.data.shards import read_labels, shard_keys
 from pipeline.evaluation.metrics import classification_metrics, epoch_summary
 from pipeline.io import atomic_dir, atomic_write_json, read_json
-from pipeline.orchestration.stage import entry, record_run, run_stage_items, shard_dir, start, task_label
+from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir, start, task_label
 
 STAGE = "evaluate"
 PROTOCOL = "transductive UDA: the student trains on all (unlabelled) target images and is tested on them"

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 
 from pipeline.artifacts import SIDES, Artifacts, keys_digest
+from pipeline.command import entry
 from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_keys
@@ -23,7 +24,7 @@ from pipeline.features.cache import (build_index, encode_images, encode_shards, 
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, load_checkpoint
 from pipeline.methods.shared import build_teacher
 from pipeline.models.factory import assert_same_identity, load_model
-from pipeline.orchestration.stage import (checked_model_spec, entry, record_run, run_stage_items, shard_dir,
+from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
                                           start, task_label)
 
 STAGE = "features"

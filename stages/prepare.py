@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.command import entry
 from pipeline.data.digits import build_domain
 from pipeline.io import atomic_dir
-from pipeline.orchestration.stage import entry, record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
 
 STAGE = "prepare"
 

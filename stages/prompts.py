@@ -12,6 +12,7 @@ import sys
 import torch
 
 from pipeline.artifacts import Artifacts
+from pipeline.command import entry
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_classes
 from pipeline.features.cache import zero_shot_vectors
@@ -19,7 +20,7 @@ from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods.shared import TEACHER_KEYS
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
-from pipeline.orchestration.stage import (checked_model_spec, entry, record_run, run_stage_items, shard_dir,
+from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
                                           start, task_label)
 from pipeline.resume import clear_stage, item_resume, task_inputs
 

@@ -5,9 +5,10 @@ import sys
 from pathlib import Path
 
 from pipeline.artifacts import Artifacts
+from pipeline.command import entry
 from pipeline.evaluation.report import build_report
 from pipeline.io import atomic_dir, read_json
-from pipeline.orchestration.stage import entry, record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
 
 STAGE = "report"
 

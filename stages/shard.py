@@ -11,12 +11,13 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.command import entry
 from pipeline.data.benchmarks import dataset_classes, domain_samples, expected_count, root_of
 from pipeline.data.classlists import load_classlist
 from pipeline.data.folders import list_class_tree
 from pipeline.data.sharding import write_shards
 from pipeline.io import atomic_dir
-from pipeline.orchestration.stage import entry, record_run, run_stage_items, start, task_label
+from pipeline.orchestration.stage import record_run, run_stage_items, start, task_label
 
 STAGE = "shard"
 

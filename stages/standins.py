@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.command import entry
 from pipeline.data.shards import shard_classes
 from pipeline.io import atomic_dir, atomic_write_json
 from pipeline.models.factory import save_local_dir
 from pipeline.models.standins import pretrain_standin
-from pipeline.orchestration.stage import entry, record_run, run_stage_items, shard_dir, start, task_label
+from pipeline.orchestration.stage import record_run, run_stage_items, shard_dir, start, task_label
 
 STAGE = "standins"
 

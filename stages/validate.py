@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipeline.command import entry
 from pipeline.io import atomic_write_text
-from pipeline.orchestration.stage import entry, start
+from pipeline.orchestration.stage import start
 
 STAGE = "validate"
 CONFIRMATION = "the params file is valid\n"  # constant on purpose: see the module docstring

@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 NOT_RESULT_SHAPING = ("pipeline/__init__.py", "pipeline/_torchvision_guard.py", "pipeline/io.py",
                       "pipeline/config.py", "pipeline/schema.py", "pipeline/cli.py", "pipeline/smoke.py",
-                      "pipeline/progress.py",
+                      "pipeline/progress.py", "pipeline/command.py",
                       "pipeline/orchestration/")
 
 

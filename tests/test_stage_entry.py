@@ -15,7 +15,8 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.io import atomic_dir, atomic_write_text, remove_stale_temporaries
 from pipeline.orchestration.flows import StageError
-from pipeline.orchestration.stage import _lock_stage, entry
+from pipeline.command import entry
+from pipeline.orchestration.stage import _lock_stage
 from pipeline.progress import Cancelled, clear_stop, stop_requested
 
 

@@ -1,10 +1,10 @@
-"""What every stage entry module shares: arguments, logging, params, errors, and running its work items.
+"""What every stage entry module shares: arguments, logging, params, the stage lock, running its work items.
 
 A stage module in ``stages/`` is thin: ``main(argv)`` calls :func:`start` to read and validate
 ``params.yaml``, builds a dict of work items, hands them to :func:`run_stage_items` (a Prefect flow that
 retries transient failures and places items on GPUs), and writes its outputs through an atomic folder.
-``python -m stages.<name>`` runs ``main`` through :func:`entry`, which turns failures into one line and an
-exit status.
+``python -m stages.<name>`` runs ``main`` through :func:`pipeline.command.entry`, which turns failures into
+one line and an exit status.
 """
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ import argparse
 import fcntl
 import logging
 import os
-import signal
-import sys
-import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,15 +20,8 @@ from pipeline.config import load_params, resolve_keys, stage_declaration
 from pipeline.io import write_run_info
 from pipeline.models.factory import ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
-from pipeline.orchestration.flows import StageError, run_items
-from pipeline.progress import Cancelled, request_stop
-
-#: Set to 1 to see the traceback of an expected failure (the same as a stage's ``--debug``).
-DEBUG_ENV = "UDA_DISTILL_DEBUG"
-
-# Exception types that mean a defect in the code rather than in the input: shown with their traceback.
-_DEFECTS = (AssertionError, AttributeError, ImportError, IndexError, KeyError, NameError, NotImplementedError,
-            RecursionError, TypeError, UnboundLocalError, ZeroDivisionError)
+from pipeline.command import DEBUG_ENV
+from pipeline.orchestration.flows import run_items
 
 _STAGE_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held until the process exits
 
@@ -74,62 +64,6 @@ def _lock_stage(stage: str, checkpoints: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _STAGE_LOCKS[path] = fd
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, StageError):
-        lines = [f"item {name}: {_describe(cause)}" for name, cause in exc.failures.items()]
-        if exc.not_run:
-            lines.append(f"not run because of the failure: {', '.join(exc.not_run)}")
-        return "\n  ".join([f"{len(exc.failures)} item(s) failed", *lines])
-    return str(exc) or type(exc).__name__
-
-
-def _is_defect(exc: BaseException) -> bool:
-    if isinstance(exc, StageError):
-        return any(_is_defect(cause) for cause in exc.failures.values())
-    return isinstance(exc, _DEFECTS)
-
-
-def entry(stage: str, main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
-    """Run a stage's ``main(argv)`` as a command; return its exit status.
-
-    0 on success; 1 with one line on stderr for an expected failure (params, weights, data, integrity,
-    training guards), with the traceback only under ``--debug`` or ``UDA_DISTILL_DEBUG=1``; a defect in the
-    code (e.g. a TypeError) always shows its traceback. Ctrl-C (130) and SIGTERM (143) stop every running
-    item at its next step (:mod:`pipeline.progress`) and say what was kept.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    received: list[int] = []
-
-    def interrupt(signum, _frame):
-        received.append(signum)
-        request_stop()
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        main(argv)
-        return 0
-    except (KeyboardInterrupt, Cancelled):
-        request_stop()
-        name = signal.Signals(received[0]).name if received else "SIGINT"
-        print(f"{stage}: interrupted ({name}); its outputs were not written (the previous ones are where they "
-              "were, unless dvc repro had removed them); completed epochs and finished items are kept under "
-              "paths.checkpoints and the next run continues from them", file=sys.stderr)
-        return 128 + (received[0] if received else signal.SIGINT)
-    except Exception as exc:  # noqa: BLE001  (every failure ends as one message and a status)
-        defect = _is_defect(exc)
-        if debug or defect:
-            traceback.print_exc()
-        hint = " (a defect: please report it with the traceback above)" if defect else (
-            "" if debug else f"\n  (pass --debug or set {DEBUG_ENV}=1 for the traceback)")
-        print(f"{stage}: error: {_describe(exc)}{hint}", file=sys.stderr)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def run_stage_items(stage: str, params: dict[str, Any], items: dict[str, Any],
