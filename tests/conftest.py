@@ -1,5 +1,7 @@
 """Shared test setup: offline, telemetry-free, CPU-only environment and a throwaway Prefect backend."""
 import os
+import subprocess
+import time
 
 # --- Environment: set before anything imports prefect, torch or huggingface_hub (they read it early).
 # Defaults only, so a developer can still override one from the shell.
@@ -109,3 +111,35 @@ def copy_project(src, dst):
 
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+# --- Processes: what a stage process leaves running (Linux /proc and ps).
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        p, pp = map(int, line.split())
+        children.setdefault(pp, []).append(p)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def gone(pids: list[int], timeout: float = 20) -> bool:
+    """Wait up to ``timeout`` s for every process of ``pids`` to end; True when they did."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not any(alive(p) for p in pids)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_project
+from conftest import copy_project, descendants, gone
 from pipeline.command import entry
 from pipeline.progress import clear_stop
 from pipeline.smoke import dvc, smoke_env
@@ -284,41 +284,12 @@ def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 300) -> str
     raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)[-3000:]}")
 
 
-def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        p, pp = map(int, line.split())
-        children.setdefault(pp, []).append(p)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _gone(pids: list[int], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not any(_alive(p) for p in pids)
-
-
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_stops_within_seconds_and_leaves_nothing_behind(project, sig, status):
     before = digest(project, STUDENTS)
     proc = stage_process(project, "distill")
     _wait_for(proc, r"epoch 1/\d+ done")
-    helpers = _descendants(proc.pid)
+    helpers = descendants(proc.pid)
     sent = time.monotonic()
     proc.send_signal(sig)
     out = proc.stdout.read()
@@ -329,7 +300,7 @@ def test_interrupt_stops_within_seconds_and_leaves_nothing_behind(project, sig, 
     assert elapsed < 15, f"took {elapsed:.1f} s to stop"
     assert f"distill: interrupted ({signal.Signals(sig).name})" in out
     assert "Traceback" not in out
-    assert _gone(helpers), "a helper process (the temporary Prefect server?) outlived the stage"
+    assert gone(helpers), "a helper process (the temporary Prefect server?) outlived the stage"
     assert digest(project, STUDENTS) == before
     assert not list((project / "models").glob(".students.tmp-*"))
 
@@ -400,11 +371,11 @@ def test_kill_9_then_rerun_resumes_and_gives_identical_results(project, smoke_pr
     proc = stage_process(project, stage)
     started = time.monotonic()
     _wait_for(proc, kill_after)
-    helpers = _descendants(proc.pid)
+    helpers = descendants(proc.pid)
     proc.kill()
     proc.wait()
     killed_after = time.monotonic() - started
-    assert _gone(helpers), "a helper process (the temporary Prefect server?) outlived a kill -9 of its stage"
+    assert gone(helpers), "a helper process (the temporary Prefect server?) outlived a kill -9 of its stage"
     assert leftovers()  # the killed writer's temporary output folder
     again = stage_process(project, stage)
     started = time.monotonic()

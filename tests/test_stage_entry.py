@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import tokenize
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.io import atomic_dir, atomic_write_text, remove_stale_temporaries
 from pipeline.orchestration.flows import StageError
+from conftest import descendants, gone
 from pipeline.command import entry
 from pipeline.orchestration.stage import _lock_stage
 from pipeline.progress import Cancelled, clear_stop, stop_requested
@@ -159,28 +159,12 @@ def test_the_temporary_prefect_server_dies_with_its_stage(tmp_path):
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
-        children = _children(proc.pid)
+        children = descendants(proc.pid)
         assert children, "no server process"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in children)
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert gone(children)
 
 
 def test_no_code_path_unpickles_extracts_or_listens_beyond_loopback():
