@@ -23,7 +23,6 @@ _DEFECTS = (AssertionError, AttributeError, ImportError, IndexError, KeyError, N
             RecursionError, TypeError, UnboundLocalError, ZeroDivisionError)
 
 
-
 def _is_stage_error(exc: BaseException) -> bool:
     # pipeline.orchestration.flows.StageError, recognised by its fields (importing it would import Prefect)
     return isinstance(getattr(exc, "failures", None), dict) and hasattr(exc, "not_run")
@@ -55,8 +54,9 @@ def entry(stage: str, main: Callable[[list[str] | None], Any], argv: list[str] |
 
     0 on success (or the int ``main`` returns); 1 with one line on stderr for an expected failure (params,
     weights, data, integrity, training guards), with the traceback only under ``--debug`` or
-    ``UDA_DISTILL_DEBUG=1``; a defect in the code (e.g. a TypeError) always shows its traceback. Ctrl-C (130) and SIGTERM (143) stop every running
-    item at its next step (:mod:`pipeline.progress`) and say what was kept (``kept``).
+    ``UDA_DISTILL_DEBUG=1``; a defect in the code (e.g. a TypeError) always shows its traceback. Ctrl-C
+    (130) and SIGTERM (143) stop every running item at its next step (:mod:`pipeline.progress`) and say
+    what was kept (``kept``).
     """
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -19,10 +19,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import (single-threaded): os.umask can only be read by setting it, which would race with
+# files other threads create meanwhile.
+_UMASK = _read_umask()
 
 
 def _tmp_sibling(path: Path, *, is_dir: bool) -> Path:
@@ -37,7 +42,7 @@ def _tmp_sibling(path: Path, *, is_dir: bool) -> Path:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
         os.close(fd)
         tmp, mode = Path(name), 0o666
-    os.chmod(tmp, mode & ~_umask())  # mkdtemp/mkstemp make 0700/0600: outputs must be readable as usual
+    os.chmod(tmp, mode & ~_UMASK)  # mkdtemp/mkstemp make 0700/0600: outputs must be readable as usual
     return tmp
 
 

@@ -105,13 +105,12 @@ def test_leftovers_of_a_killed_writer_are_removed_and_a_live_writers_kept(tmp_pa
     assert (out / "a.txt").read_text() == "a"
 
 
-def test_outputs_are_readable_as_the_umask_says(tmp_path):
-    old = os.umask(0o022)
-    try:
-        with atomic_dir(tmp_path / "out") as tmp:
-            atomic_write_text(tmp / "f.json", "{}")
-    finally:
-        os.umask(old)
+def test_outputs_are_readable_as_the_umask_says(tmp_path, monkeypatch):
+    import pipeline.io
+
+    monkeypatch.setattr(pipeline.io, "_UMASK", 0o022)  # the process's umask, read at import
+    with atomic_dir(tmp_path / "out") as tmp:
+        atomic_write_text(tmp / "f.json", "{}")
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "out" / "f.json").stat().st_mode & 0o777 == 0o644
 

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.artifacts import Artifacts
+from pipeline.command import DEBUG_ENV
 from pipeline.config import load_params, resolve_keys, stage_declaration
 from pipeline.io import write_run_info
 from pipeline.models.factory import ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
-from pipeline.command import DEBUG_ENV
 from pipeline.orchestration.flows import run_items
 
 _STAGE_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held until the process exits
