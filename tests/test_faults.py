@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -63,7 +64,10 @@ def run_in_process(project: Path, stage: str, monkeypatch, capsys, *args: str) -
         status = entry(stage, module.main, list(args))
     finally:
         clear_stop()
-    return status, capsys.readouterr().err
+    err = capsys.readouterr().err
+    if os.environ.get("UDA_DISTILL_FAULT_TABLE"):  # a table of faults: exit status, the message's first lines
+        print(f"FAULT {stage} exit {status}: {' / '.join(err.splitlines()[:3])[:300]}", file=sys.__stdout__)
+    return status, err
 
 
 def stage_process(project: Path, stage: str, *args: str) -> subprocess.Popen:
