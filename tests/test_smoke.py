@@ -82,7 +82,7 @@ def test_metrics_and_plots_are_declared(smoke):
 def test_exp_run_reruns_only_distill_and_what_follows(smoke):
     workdir, _ = smoke
     out = dvc(["exp", "run", "-S", "distill.epochs=2"], workdir=workdir)
-    assert _stages_run(out) == ["distill", "evaluate", "report"]
+    assert _stages_run(out) == ["validate", "distill", "evaluate", "report"]
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert all(t["student"]["target"]["best_epoch"] <= 2 for t in results["tasks"].values())
 
@@ -94,7 +94,7 @@ def test_exp_run_reruns_only_distill_and_what_follows(smoke):
 def test_every_method_runs_through_dvc(smoke, method, extra):
     workdir, baseline = smoke
     out = dvc(["exp", "run", "-S", f"distill.method={method}", "-S", "distill.epochs=2", *extra], workdir=workdir)
-    assert _stages_run(out) == ["distill", "evaluate", "report"]
+    assert _stages_run(out) == ["validate", "distill", "evaluate", "report"]
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert results["method"] == method
     zero_shot = baseline["mean"]["zeroshot_teacher"]["target"]["acc"]
@@ -114,7 +114,7 @@ def test_cmkd_variants_run_through_dvc(smoke, variant):
                 f"distill.cmkd.rst.enabled={str(variant == 'rst').lower()}"]
     out = dvc(["exp", "run", "-S", "distill.method=cmkd", *[a for s in switches for a in ("-S", s)]],
               workdir=workdir)
-    assert _stages_run(out) == ["distill", "evaluate", "report"]
+    assert _stages_run(out) == ["validate", "distill", "evaluate", "report"]
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert results["method"] == "cmkd"
     assert results["mean"]["student"]["target"]["acc"] > CHANCE + 20
@@ -137,7 +137,7 @@ def test_source_prompt_variants_run_through_dvc(smoke):
                "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1", "-S", "prompts.gpa_mean=3",
                "-S", "distill.promptkd.loss.name=nd", "-S", "distill.refine_knn=5"],  # ND reads the prompted features
               workdir=workdir)
-    assert _stages_run(out) == ["prompts", "features", "distill", "evaluate", "report"]
+    assert _stages_run(out) == ["validate", "prompts", "features", "distill", "evaluate", "report"]
     log = json.loads((workdir / "models" / "students" / "usps_to_mnist" / "train_log.json").read_text())
     assert (log["loss"], log["refine_knn"], len(log["epochs"])) == ("nd", 5, 2)
     meta = json.loads((workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "meta.json").read_text())
