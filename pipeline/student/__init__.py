@@ -1,0 +1,1 @@
+"""Shipping a trained student: bundles, prediction, export."""
