@@ -10,6 +10,7 @@ temporary folder (writers, see :func:`pipeline.io.atomic_dir`)::
     paths.features/tasks/<task>/                TaskFeatures: class vectors, target logits, teacher predictions
     paths.distill/<task>/                       StudentOutput: student.pt, predictions.npy, keys.json, ...
     paths.evaluate/<task>/metrics.json          EvaluateOutput
+    paths.bundles/<task>/                       the shipped student (pipeline.student.bundle)
     paths.checkpoints/<stage>/<task>/           resume area: snapshot, finished outputs (pipeline.resume;
                                                 not a DVC output)
 
@@ -277,6 +278,9 @@ class Artifacts:
 
     def evaluation(self, task: str) -> EvaluateOutput:
         return EvaluateOutput(Path(self.paths["evaluate"]) / task)
+
+    def bundle(self, task: str) -> Path:
+        return Path(self.paths["bundles"]) / task
 
     def checkpoints(self, stage: str, item: str) -> Path:
         """The resume area of a stage item (:mod:`pipeline.resume`)."""

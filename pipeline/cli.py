@@ -7,6 +7,12 @@
 * ``uda-distill info [--params params.yaml] [--method M] [--teacher NAME] [--student NAME] [--classes C]
   [-S key=value ...]``: trainable and stored parameter counts of a method's learnable parts, built from the
   architectures alone (no weights are downloaded or loaded).
+* ``uda-distill predict BUNDLE INPUT... [--out preds.csv|.json] [--top-k K] [--batch-size B] [--device D]
+  [--base SPEC] [--cache-dir DIR]``: run a task's bundle (``paths.bundles/<task>``) on image files, folders,
+  list files or shard folders; one row per image with its top-k classes (unreadable images are listed, not fatal).
+* ``uda-distill export BUNDLE --format merged|pt2|onnx --out PATH [--images INPUT...]``: a standalone
+  open_clip ``local-dir:`` student, a ``torch.export`` program or an ONNX graph, each checked against the
+  eager student (max logit difference at most 1e-4).
 """
 from __future__ import annotations
 
@@ -77,6 +83,31 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.student.predict import predict, summary, write_rows
+
+    rows = predict(args.bundle, args.inputs, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
+                   base=args.base, cache_dir=args.cache_dir, num_workers=args.num_workers)
+    write_rows(rows, args.out, args.top_k)
+    print(summary(rows, args.out), file=sys.stderr)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.student.export import export_bundle
+
+    report = export_bundle(args.bundle, format=args.format, out=args.out, base=args.base, cache_dir=args.cache_dir,
+                           images=args.images)
+    print(report.summary())
+    return 0
+
+
+def _base_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="where the base model's weights are, when not where the bundle was trained: "
+                        "local-dir:<folder>, a .pt/.safetensors file, or a pretrained tag")
+    parser.add_argument("--cache-dir", help="open_clip / Hugging Face cache folder of the base weights (as model.cache_dir)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="uda-distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,6 +127,25 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a params key, e.g. -S distill.ekda.n_tokens=2 (repeatable)")
     info.set_defaults(func=_info)
+    pred = sub.add_parser("predict", help="classify images with a task's bundle")
+    pred.add_argument("bundle", help="a bundle folder (paths.bundles/<task>, or a merged export)")
+    pred.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="image files, folders, list files (.txt/.lst/.csv) or shard folders")
+    pred.add_argument("--out", help="output .csv or .json (default: CSV on standard output)")
+    pred.add_argument("--top-k", type=int, default=1, help="classes per image, best first (default 1)")
+    pred.add_argument("--batch-size", type=int, default=64)
+    pred.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda:<index>")
+    pred.add_argument("--num-workers", type=int, default=0, help="image-reading processes (0: in this process)")
+    _base_options(pred)
+    pred.set_defaults(func=_predict)
+    export = sub.add_parser("export", help="export a bundle: merged (open_clip local-dir), pt2 (torch.export), onnx")
+    export.add_argument("bundle", help="a bundle folder (paths.bundles/<task>)")
+    export.add_argument("--format", required=True, choices=("merged", "pt2", "onnx"))
+    export.add_argument("--out", required=True, help="output folder (merged) or file (pt2, onnx)")
+    export.add_argument("--images", nargs="+", metavar="INPUT",
+                        help="images for the parity check (default: 8 seeded synthetic images)")
+    _base_options(export)
+    export.set_defaults(func=_export)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
     return entry("uda-distill", lambda _argv: args.func(args), ["--debug"] if args.debug else [],

@@ -67,7 +67,7 @@ DATASET = Tagged("format", {"digits": DIGITS, **{f: _dataset_schema(f) for f in 
 SCHEMA: dict[str, Any] = {
     "seed": integer(0),
     "paths": {k: text() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
-                                  "report", "run_info", "checkpoints")},
+                                  "bundles", "report", "run_info", "checkpoints")},
     "data": {
         "shard_maxcount": integer(1),
         "shuffle_seed": integer(0),
@@ -213,7 +213,8 @@ def stage_declaration(stage: str, dvc_yaml: str | os.PathLike = "dvc.yaml") -> d
     path = Path(dvc_yaml)
     if not path.is_file():
         return {}
-    return yaml.safe_load(path.read_text()).get("stages", {}).get(stage, {}) or {}
+    declared = yaml.safe_load(path.read_text()).get("stages", {}).get(stage, {}) or {}
+    return declared.get("do", declared)  # a foreach stage declares its keys under `do`
 
 
 def resolve_keys(params: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:

@@ -62,9 +62,11 @@ def run(tmp_path_factory):
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params))
 
-    from stages import distill, evaluate, features, prepare, prompts, report, shard, standins
+    from stages import bundle, distill, evaluate, features, prepare, prompts, report, shard, standins
     for stage in (prepare, shard, standins, prompts, features, distill, evaluate, report):
         stage.main(["--params", str(path)])
+    for task in tasks:
+        bundle.main(["--params", str(path), "--task", task])
     results = json.loads((Path(params["paths"]["report"]) / "results.json").read_text())
     return params, results
 
@@ -80,6 +82,10 @@ def test_every_benchmark_runs_end_to_end(run):
     assert results["headline_metric"]["oh_art_to_real_world"] == "acc"
     md = (Path(params["paths"]["report"]) / "results.md").read_text()
     assert "| visda_train_to_validation | train → validation |" in md and "mean-class |" in md
+    for name in params["tasks"]:  # every benchmark's class list travels into its bundle, in label order
+        config = json.loads((Path(params["paths"]["bundles"]) / name / "config.json").read_text())
+        metrics = json.loads((Path(params["paths"]["evaluate"]) / name / "metrics.json").read_text())
+        assert config["classes"] == metrics["classes"] and config["task"]["target"] == metrics["target"]
 
 
 def test_shards_of_every_layout(run):

@@ -61,6 +61,7 @@ def test_every_imported_module_is_a_dependency_of_its_stage():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     missing = {}
     for name, stage in stages.items():
+        stage = stage.get("do", stage)  # a foreach stage
         deps = [d.rstrip("/") for d in stage["deps"] if not d.startswith("${")]
         assert f"stages/{name}.py" in deps, f"{name}: its own module is not a dependency"
         for module in sorted(library_closure(ROOT / "stages" / f"{name}.py")):
@@ -74,3 +75,13 @@ def test_the_closure_follows_lazy_and_package_imports():
     assert "pipeline/methods/ekda.py" in closure  # through the registry in pipeline/methods/__init__.py
     assert "pipeline/methods/refine.py" in closure  # imported inside a function
     assert not any(m.startswith("pipeline/orchestration/") for m in closure)
+
+
+def test_every_task_has_a_model_artifact():
+    """dvc.yaml cannot generate `artifacts:` entries from params: each task needs its own, pointing at its bundle."""
+    artifacts = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
+    paths = {a["path"] for a in artifacts.values()}
+    for params in ("params.yaml", "configs/smoke.yaml"):
+        for task in yaml.safe_load((ROOT / params).read_text())["tasks"]:
+            assert "${paths.bundles}/" + task in paths, f"{params}: task {task} has no artifact entry in dvc.yaml"
+    assert all(a["type"] == "model" for a in artifacts.values())

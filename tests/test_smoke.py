@@ -9,9 +9,11 @@ Every method then runs through `dvc exp run` on the same stand-ins. Seed 1, 5 ep
 promptkd 45.8, ekda 57.4, dapl 47.4, zero-shot teacher 48.4 (the EKDA student also beat the zero-shot
 teacher on both tasks); the tests use 2 epochs and check each method against chance and the zero-shot teacher.
 """
+import importlib.util
 import json
 import re
 
+import numpy as np
 import pytest
 
 from conftest import copy_project
@@ -19,6 +21,7 @@ from pipeline.smoke import dvc
 
 pytestmark = pytest.mark.slow
 CHANCE = 10.0
+TASKS = ("usps_to_mnist", "mnist_to_usps")
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,48 @@ def smoke(smoke_project, tmp_path_factory):
 
 def _stages_run(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w@.-]+)'", output)
+
+
+def _ran(output: str, stages: list[str]) -> bool:
+    """``stages`` ran (validate first), and so did the bundle stage of every task; DVC orders independent stages."""
+    ran = _stages_run(output)
+    return ran[:1] == ["validate"] and sorted(ran) == sorted([*stages, *(f"bundle@{t}" for t in TASKS)])
+
+
+def _check_bundles(workdir, tmp_path, monkeypatch, label: str) -> None:
+    """Every task's bundle predicts on a folder of new images (one of them unreadable), exports to merged, pt2 and
+    onnx (when its extra is installed) within the parity bound, and the merged student reproduces the evaluate
+    stage's last-epoch target accuracy from the shards through `uda-distill predict`'s code."""
+    from pipeline.data.shards import read_labels
+    from pipeline.student.export import PARITY_BOUND, export_bundle
+    from pipeline.student.predict import predict
+
+    monkeypatch.chdir(workdir)  # the stand-ins' local-dir: paths are relative to the project
+    new = tmp_path / f"new-{label}"
+    for c in ("three", "seven"):
+        for src in sorted((workdir / "data" / "raw" / "digits" / "printed" / c).iterdir())[:2]:
+            (new / c).mkdir(parents=True, exist_ok=True)
+            (new / c / src.name).write_bytes(src.read_bytes())
+    (new / "unreadable.png").write_bytes(b"not an image")
+    formats = ["merged", "pt2"] + (["onnx"] if importlib.util.find_spec("onnxruntime") else [])
+    for task in TASKS:
+        bundle = workdir / "models" / "bundles" / task
+        rows = predict(bundle, [str(new)], top_k=2, device="cpu")
+        assert [r["input"] for r in rows if r["error"]] == [str(new / "unreadable.png")]
+        assert len(rows) == 5 and all(len(r["predictions"]) == 2 for r in rows if not r["error"])
+        for fmt in formats:
+            out = tmp_path / f"{label}-{task}-{fmt}"
+            report = export_bundle(bundle, format=fmt, out=out, images=[str(new)])
+            assert report.n_images == 4 and report.max_abs_diff <= PARITY_BOUND, report.summary()
+        metrics = json.loads((workdir / "results" / "evaluate" / task / "metrics.json").read_text())
+        target = workdir / "data" / "shards" / "digits" / metrics["target"]
+        rows = predict(tmp_path / f"{label}-{task}-merged", [str(target)], batch_size=128, device="cpu")
+        keys, labels = read_labels(target)
+        classes = metrics["classes"]
+        assert [r["input"] for r in rows] == [f"{target}::{k}" for k in keys]
+        predicted = np.array([classes.index(r["predictions"][0]["class"]) for r in rows])
+        last = metrics["models"]["student"]["target"]["last"]
+        assert abs(100 * (predicted == labels).mean() - last["acc"]) <= 100 / len(labels) + 1e-9, (label, task)
 
 
 def test_results_table_keys_and_ranges(smoke):
@@ -82,19 +127,24 @@ def test_metrics_and_plots_are_declared(smoke):
 def test_exp_run_reruns_only_distill_and_what_follows(smoke):
     workdir, _ = smoke
     out = dvc(["exp", "run", "-S", "distill.epochs=2"], workdir=workdir)
-    assert _stages_run(out) == ["validate", "distill", "evaluate", "report"]
+    assert _ran(out, ["validate", "distill", "evaluate", "report"])
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert all(t["student"]["target"]["best_epoch"] <= 2 for t in results["tasks"].values())
+
+
+def test_promptkd_bundles_predict_export_and_reproduce_the_evaluation(smoke, tmp_path, monkeypatch):
+    workdir, _ = smoke
+    _check_bundles(workdir, tmp_path, monkeypatch, "promptkd")
 
 
 @pytest.mark.parametrize("method, extra", [
     ("ekda", []),
     ("dapl", []),
 ])
-def test_every_method_runs_through_dvc(smoke, method, extra):
+def test_every_method_runs_through_dvc(smoke, method, extra, tmp_path, monkeypatch):
     workdir, baseline = smoke
     out = dvc(["exp", "run", "-S", f"distill.method={method}", "-S", "distill.epochs=2", *extra], workdir=workdir)
-    assert _stages_run(out) == ["validate", "distill", "evaluate", "report"]
+    assert _ran(out, ["validate", "distill", "evaluate", "report"])
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert results["method"] == method
     zero_shot = baseline["mean"]["zeroshot_teacher"]["target"]["acc"]
@@ -103,10 +153,11 @@ def test_every_method_runs_through_dvc(smoke, method, extra):
     assert adapted > zero_shot - 8, f"{method}: {adapted} far below the zero-shot teacher's {zero_shot}"
     log = json.loads((workdir / "models" / "students" / "usps_to_mnist" / "train_log.json").read_text())
     assert log["method"] == method and len(log["epochs"]) == 2
+    _check_bundles(workdir, tmp_path, monkeypatch, method)
 
 
 @pytest.mark.parametrize("variant", ["plain", "fixmatch", "rst"])
-def test_cmkd_variants_run_through_dvc(smoke, variant):
+def test_cmkd_variants_run_through_dvc(smoke, variant, tmp_path, monkeypatch):
     """CMKD, CMKD + FixMatch and CMKD + RST: the stand-in student's visual tower fine-tuned (3 x 40 iterations)."""
     workdir, _ = smoke
     # `dvc exp run` leaves its params in the workspace: set both switches every time
@@ -114,7 +165,7 @@ def test_cmkd_variants_run_through_dvc(smoke, variant):
                 f"distill.cmkd.rst.enabled={str(variant == 'rst').lower()}"]
     out = dvc(["exp", "run", "-S", "distill.method=cmkd", *[a for s in switches for a in ("-S", s)]],
               workdir=workdir)
-    assert _stages_run(out) == ["validate", "distill", "evaluate", "report"]
+    assert _ran(out, ["validate", "distill", "evaluate", "report"])
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert results["method"] == "cmkd"
     assert results["mean"]["student"]["target"]["acc"] > CHANCE + 20
@@ -128,6 +179,9 @@ def test_cmkd_variants_run_through_dvc(smoke, variant):
     assert (students / "residual.safetensors").is_file() == (variant == "rst")
     if variant == "rst":  # tau 1e-5: a sparse residual (about 0.4 % of the tower on these stand-ins)
         assert 0 < log["dsp"]["changed"] < 0.05 * log["trainable_params"] and 0 < total["bytes"] < 20_000
+        bundle = (workdir / "models" / "bundles" / "usps_to_mnist" / "model.safetensors").stat().st_size
+        assert bundle < 40_000  # the residual and the head, not the tower
+    _check_bundles(workdir, tmp_path, monkeypatch, f"cmkd-{variant}")
 
 
 def test_source_prompt_variants_run_through_dvc(smoke):
@@ -137,7 +191,7 @@ def test_source_prompt_variants_run_through_dvc(smoke):
                "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1", "-S", "prompts.gpa_mean=3",
                "-S", "distill.promptkd.loss.name=nd", "-S", "distill.refine_knn=5"],  # ND reads the prompted features
               workdir=workdir)
-    assert _stages_run(out) == ["validate", "prompts", "features", "distill", "evaluate", "report"]
+    assert _ran(out, ["validate", "prompts", "features", "distill", "evaluate", "report"])
     log = json.loads((workdir / "models" / "students" / "usps_to_mnist" / "train_log.json").read_text())
     assert (log["loss"], log["refine_knn"], len(log["epochs"])) == ("nd", 5, 2)
     meta = json.loads((workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "meta.json").read_text())

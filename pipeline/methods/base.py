@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from torch import nn
 
 from pipeline.artifacts import REBUILD, SIDES, Artifacts, StaleCacheError, StudentOutput, TaskFeatures
 from pipeline.data.classlists import prompt_name
@@ -30,6 +31,11 @@ class Method:
     ``run(job)`` trains one task; ``parameter_counts(params, n_classes)`` returns rows
     ``{part, model, trainable, stored}`` for ``uda-distill info``; ``check(params, errors)`` adds
     cross-key problems of its block to ``errors`` (the schema checks each key alone).
+    ``classifier(state, config, base)`` rebuilds the trained model for inference from a student bundle
+    (:mod:`pipeline.student.bundle`): ``state`` is what training changed (the result's ``state`` plus
+    ``class_vectors``), ``config`` the bundle's config.json, ``base`` the frozen model of role ``base_role``
+    it runs on; it returns an ``nn.Module`` in eval mode mapping preprocessed images [B, 3, H, W] to class
+    logits [B, C] (softmax gives the method's probabilities, argmax its predictions).
     """
 
     name: str
@@ -38,7 +44,9 @@ class Method:
     roles: tuple[str, ...]
     run: Callable[["TaskJob"], "MethodResult"]
     parameter_counts: Callable[[dict[str, Any], int], list[dict[str, Any]]]
+    classifier: Callable[[dict[str, Any], dict[str, Any], LoadedModel], nn.Module]
     check: Callable[[dict[str, Any], list[str]], None] | None = None
+    base_role: str = "student"
 
 
 @dataclasses.dataclass
@@ -46,8 +54,8 @@ class MethodResult:
     """What a method hands back for one task.
 
     ``predictions`` [E, N]: target predictions per epoch in ``keys`` order; ``state``: only what training
-    changed (saved in the student checkpoint); ``class_vectors``: the text class vectors inference uses, if
-    the method changed them (else None); ``checkpoint``: further entries of the student checkpoint;
+    changed (saved in the student checkpoint); ``class_vectors``: the text class vectors inference uses
+    (None when it uses none); ``checkpoint``: further entries of the student checkpoint;
     ``extra_predictions``: per-epoch predictions of other inference rules, ``extra_notes`` what each is (both
     scored and shown by the evaluate stage); ``log_extra``: further entries of train_log.json.
     """

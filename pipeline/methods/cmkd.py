@@ -24,7 +24,9 @@ from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.shared import EndlessBatches
 from pipeline.methods.training import Prediction, Step, fit, seeded, update
-from pipeline.models.residual import RstProjection, dsp_counts, frozen_copy, save_residual
+from pipeline.models.factory import LoadedModel
+from pipeline.models.residual import (RstProjection, apply_residual, dsp_counts, frozen_copy, residual_tensors,
+                                     save_residual)
 from pipeline.schema import Block, boolean, integer, number, template, text
 
 
@@ -346,6 +348,7 @@ def run(job: TaskJob) -> MethodResult:
     saved: dict = {"head": head}
     residual = None
     if rst is not None:  # only the sparse residual is kept; the dense tower is the base + residual
+        saved["residual"] = residual_tensors(trained, base_cpu)
         residual = job.output.dir / "residual.safetensors" if job.output is not None else None
         if residual is not None:
             save_residual(residual, trained=trained, base=base_cpu, identity=student.identity)
@@ -358,6 +361,31 @@ def run(job: TaskJob) -> MethodResult:
                         class_vectors=model.text_vectors.cpu().numpy(), extra_predictions=extra,
                         extra_notes=EXTRA_NOTES, checkpoint={"rst": block["rst"], "template": block["template"]},
                         log_extra={"dsp": dsp, "residual_file": residual.name if residual else None})
+
+
+class TaskHeadClassifier(nn.Module):
+    """The shipped CMKD model: images -> h(f(x)), the task head on the adapted visual tower (fp32)."""
+
+    def __init__(self, visual: nn.Module, head: TaskHead):
+        super().__init__()
+        self.visual, self.head = visual, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.visual(images.float()))
+
+
+def classifier(state: dict[str, Any], config: dict[str, Any], base: LoadedModel) -> TaskHeadClassifier:
+    """``Method.classifier``: writes the adapted tower INTO ``base`` (dense, or base + sparse residual with RST;
+    a merged bundle's base already is the adapted tower), so ``base.model`` becomes the dense student."""
+    visual = base.model.visual.float()
+    if "visual" in state:
+        visual.load_state_dict(state["visual"])
+    elif "residual" in state:
+        visual.load_state_dict(apply_residual(visual.state_dict(), state["residual"], where="the bundle"))
+    W = state["class_vectors"]
+    head = TaskHead(W.shape[1], W.shape[0])
+    head.load_state_dict(state["head"])
+    return TaskHeadClassifier(visual, head).eval()
 
 
 def _cpu(state: dict) -> dict:
@@ -386,4 +414,4 @@ def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, A
 
 METHOD = Method(name="cmkd", summary="fine-tune the student's visual tower with a task head distilled from its own "
                 "CLIP head (CMKD; optional FixMatch and RST)", params=PARAMS, roles=("student",), run=run,
-                parameter_counts=parameter_counts)
+                parameter_counts=parameter_counts, classifier=classifier)

@@ -29,10 +29,12 @@ from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np, zero_shot_vectors
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
+from pipeline.io import load_checkpoint
+from pipeline.methods.classifiers import CosineClassifier
 from pipeline.methods.shared import EndlessBatches, KeyedRows, train_views
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
-from pipeline.models.prompted import PromptTokens, own_parameters, own_state
+from pipeline.models.prompted import PromptTokens, PromptedVisionEncoder, own_parameters, own_state
 from pipeline.schema import Block, boolean, integer, number, template, text
 
 PARAMS = Block({
@@ -149,8 +151,11 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
               predict=predict, state=state, train_mode=prompts.train, n_classes=len(classnames),
               collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path,
               modules={"prompts": prompts}, resumable=resumable)
+    prompts.eval()
+    with torch.no_grad(), autocast(precision, device):
+        target_vectors = prompts()[1].float().cpu().numpy()  # inference: the target block only
     return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
-                        trainable_params=sum(p.numel() for p in trainable))
+                        trainable_params=sum(p.numel() for p in trainable), class_vectors=target_vectors)
 
 
 def _augmented_batches(model: LoadedModel, *, naive: KeyedRows, source_dir, target_dir, augment: str,
@@ -192,11 +197,22 @@ def run(job: TaskJob) -> MethodResult:
     naive = zero_shot_vectors(teacher, job.classnames, [block["naive_template"]], device=job.device)
     probs = naive_probabilities(target_features, naive, scale=job.logit_scale, temperature=block["temperature"])
     knn = job.knn_refiner(probs)
+    result = _train(job, d, block, teacher, target_features, knn.refine_all() if knn else probs)
+    if job.meta["visual_prompts"]:  # the target features came through the source teacher's visual prompts:
+        prompt = load_checkpoint(job.artifacts.prompts(job.name).prompt, what="the prompts stage's prompt.pt",
+                                 fix="re-create it with `dvc repro prompts`")  # the shipped model needs them too
+        result.state["teacher_vision"] = {"prompts": prompt["reported"]["vision.prompts"]}
+        result.checkpoint["teacher_vision"] = {"location": prompt["config"]["visual_location"]}
+    return result
+
+
+def _train(job: TaskJob, d: dict, block: dict, teacher: LoadedModel, target_features: np.ndarray,
+           naive_probs: np.ndarray) -> MethodResult:
     return train_dapl(
         model=teacher, classnames=job.classnames, domains=(job.task["source"], job.task["target"]),
         source_features=job.domain_features("source"), source_labels=job.source_labels(job.domain_keys("source")),
         target_keys=job.domain_keys("target"), target_features=target_features,
-        naive_probs=knn.refine_all() if knn else probs, dapl=block, epochs=d["epochs"], batch_size=d["batch_size"],
+        naive_probs=naive_probs, dapl=block, epochs=d["epochs"], batch_size=d["batch_size"],
         lr=d["lr"], momentum=d["momentum"], weight_decay=d["weight_decay"], seed=job.seed, device=job.device,
         collapse_fraction=d["collapse_fraction"], deterministic=job.deterministic,
         checkpoint_path=job.checkpoint_path,
@@ -215,5 +231,19 @@ def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, A
              **param_counts.count(prompts, prompts.trainable_parameters(), clip)}]
 
 
+def classifier(state: dict[str, Any], config: dict[str, Any], base: LoadedModel) -> CosineClassifier:
+    """The shipped model: the frozen teacher image encoder (through the source teacher's visual prompts when
+    the features had them) against the learnt target-domain class vectors, fixed after training."""
+    encoder = base.model.visual
+    if "teacher_vision" in state:
+        prompts = state["teacher_vision"]["prompts"]
+        encoder = PromptedVisionEncoder(base.model.visual, n_tokens=prompts.shape[1], depth=prompts.shape[0],
+                                        location=config["method_config"]["teacher_vision"]["location"])
+        encoder.load_state_dict({"prompts": prompts}, strict=False)
+    return CosineClassifier(encoder, state["class_vectors"], config["logit_scale"],
+                            precision=config["base"]["precision"]).eval()
+
+
 METHOD = Method(name="dapl", summary="domain-specific text prompts on the teacher itself (no student)",
-                params=PARAMS, roles=("teacher",), run=run, parameter_counts=parameter_counts)
+                params=PARAMS, roles=("teacher",), run=run, parameter_counts=parameter_counts,
+                classifier=classifier, base_role="teacher")

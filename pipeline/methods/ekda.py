@@ -29,6 +29,7 @@ from pipeline.features.cache import logits, softmax_np
 from pipeline.losses import DistillLoss, build_distill_loss, loss_schema
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
+from pipeline.methods.classifiers import prompted_student_classifier
 from pipeline.methods.refine import KnnRefiner
 from pipeline.methods.shared import (KeyedRows, build_student, build_teacher, loss_state, make_student,
                                      EndlessBatches, predict_student, train_views)
@@ -223,4 +224,5 @@ def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, A
 
 
 METHOD = Method(name="ekda", summary="teacher (source) and student (target) steps alternate every iteration",
-                params=PARAMS, roles=("teacher", "student"), run=run, parameter_counts=parameter_counts)
+                params=PARAMS, roles=("teacher", "student"), run=run, parameter_counts=parameter_counts,
+                classifier=prompted_student_classifier)

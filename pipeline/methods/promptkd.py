@@ -21,6 +21,7 @@ from pipeline.features.cache import softmax_np
 from pipeline.losses import DistillLoss, build_distill_loss, loss_schema
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
+from pipeline.methods.classifiers import prompted_student_classifier
 from pipeline.methods.shared import (KeyedRows, build_student, loss_state, make_student, predict_student,
                                      train_views)
 from pipeline.methods.training import Prediction, Step, fit, sgd_with_cosine
@@ -96,7 +97,8 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
               n_classes=W.shape[0], collapse_fraction=collapse_fraction, checkpoint_path=checkpoint_path,
               modules={"student": student, "loss": loss})
     return MethodResult(keys=out["keys"], predictions=out["predictions"], log=out["log"], state=state(),
-                        trainable_params=sum(p.numel() for p in trainable), log_extra={"loss": loss.name})
+                        trainable_params=sum(p.numel() for p in trainable), class_vectors=class_vectors,
+                        log_extra={"loss": loss.name})
 
 
 def run(job: TaskJob) -> MethodResult:
@@ -138,4 +140,5 @@ def check(params: dict[str, Any], errors: list[str]) -> None:
 
 
 METHOD = Method(name="promptkd", summary="student from the cached source-prompted teacher (two stages)",
-                params=PARAMS, roles=("student",), run=run, parameter_counts=parameter_counts, check=check)
+                params=PARAMS, roles=("student",), run=run, parameter_counts=parameter_counts,
+                classifier=prompted_student_classifier, check=check)

@@ -188,6 +188,13 @@ def autocast(precision: str, device: str | torch.device):
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
+def model_config(spec: ModelSpec) -> dict[str, Any]:
+    """The open_clip architecture config (``model_cfg``) of ``spec``: from its folder or open_clip's registry."""
+    if spec.is_local_dir:
+        return json.loads((spec.local_dir / "open_clip_config.json").read_text())["model_cfg"]
+    return open_clip.get_model_config(spec.name)
+
+
 def save_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     """Save ``model`` as an ordinary open_clip ``local-dir:`` checkpoint (config + safetensors), atomically."""
     from safetensors.torch import save_file

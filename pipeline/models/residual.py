@@ -93,12 +93,8 @@ def _canonical(identity: dict) -> dict:
     return json.loads(json.dumps(identity, sort_keys=True))  # tuples -> lists, as they come back from the file
 
 
-def save_residual(path: str | os.PathLike, *, trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                  identity: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write trained - base as (int32 index, new values) per changed tensor, plus ``extra`` (dense), atomically.
-
-    ``identity`` is the base model's (``LoadedModel.identity``); ``extra`` is typically the head's state dict.
-    """
+def residual_tensors(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """trained - base as ``{<name>.index: int32 flat indices, <name>.values: new values}`` per changed tensor."""
     _check_names(trained, base)
     tensors = {}
     for name in sorted(base):
@@ -107,8 +103,33 @@ def save_residual(path: str | os.PathLike, *, trained: dict[str, torch.Tensor], 
             raise ValueError(f"{name}: {base[name].numel()} elements do not fit int32 indices")
         index = changed.nonzero().reshape(-1)
         if index.numel():
-            tensors[f"{RESIDUAL}{name}.index"] = index.to(torch.int32)
-            tensors[f"{RESIDUAL}{name}.values"] = trained[name].detach().cpu().reshape(-1)[index].contiguous()
+            tensors[f"{name}.index"] = index.to(torch.int32)
+            tensors[f"{name}.values"] = trained[name].detach().cpu().reshape(-1)[index].contiguous()
+    return tensors
+
+
+def apply_residual(base: dict[str, torch.Tensor], residual: dict[str, torch.Tensor], *, where: str = "residual"
+                   ) -> dict[str, torch.Tensor]:
+    """A copy of ``base`` with the residual (:func:`residual_tensors`) scattered in: bit-exact."""
+    restored = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in base.items()}
+    for key, index in residual.items():
+        if not key.endswith(".index"):
+            continue
+        name = key[:-len(".index")]
+        values = residual[f"{name}.values"]
+        if name not in restored or values.dtype != restored[name].dtype:
+            raise ValueError(f"{where}: residual tensor {name!r} ({values.dtype}) does not match the base")
+        restored[name].view(-1)[index.long()] = values
+    return restored
+
+
+def save_residual(path: str | os.PathLike, *, trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                  identity: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write :func:`residual_tensors` (prefixed ``residual.``) plus ``extra`` (dense) to one file, atomically.
+
+    ``identity`` is the base model's (``LoadedModel.identity``); ``extra`` is typically the head's state dict.
+    """
+    tensors = {f"{RESIDUAL}{k}": t for k, t in residual_tensors(trained, base).items()}
     for name, t in (extra or {}).items():
         tensors[f"{EXTRA}{name}"] = t.detach().cpu().contiguous()
     metadata = {"format": FORMAT, "base_identity": json.dumps(_canonical(identity), sort_keys=True),
@@ -134,17 +155,9 @@ def load_residual(path: str | os.PathLike, *, base: dict[str, torch.Tensor], ide
                 f"this base is { {k: found_identity.get(k) for k in IDENTITY_KEYS} } (sha256 {found_hash[:16]})"
                 f"{'; differing: ' + ', '.join(differ) if differ else '; same identity, different weights'}")
         tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    restored = {name: t.detach().cpu().clone(memory_format=torch.contiguous_format) for name, t in base.items()}
-    for key, index in tensors.items():
-        if not (key.startswith(RESIDUAL) and key.endswith(".index")):
-            continue
-        name = key[len(RESIDUAL):-len(".index")]
-        values = tensors[f"{RESIDUAL}{name}.values"]
-        if name not in restored or values.dtype != restored[name].dtype:
-            raise ValueError(f"{path}: residual tensor {name!r} ({values.dtype}) does not match the base")
-        restored[name].view(-1)[index.long()] = values
+    residual = {key[len(RESIDUAL):]: t for key, t in tensors.items() if key.startswith(RESIDUAL)}
     extra = {key[len(EXTRA):]: t for key, t in tensors.items() if key.startswith(EXTRA)}
-    return restored, extra
+    return apply_residual(base, residual, where=str(path)), extra
 
 
 def dsp_counts(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor], head_state: dict[str, torch.Tensor],

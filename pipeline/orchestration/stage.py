@@ -26,11 +26,17 @@ from pipeline.orchestration.flows import run_items
 _STAGE_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held until the process exits
 
 
-def start(stage: str, argv: list[str] | None, description: str) -> dict[str, Any]:
-    """Parse ``--params``, configure logging, take the stage's lock and return the validated params."""
+def start(stage: str, argv: list[str] | None, description: str, *, per_task: bool = False) -> dict[str, Any]:
+    """Parse ``--params``, configure logging, take the stage's lock and return the validated params.
+
+    ``per_task``: the stage runs once per task (a ``foreach`` stage in dvc.yaml) and takes ``--task NAME``;
+    the returned params' ``tasks`` hold that task only.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
     parser.add_argument("--params", default="params.yaml", type=Path,
                         help="params file to read (default: params.yaml in the current folder)")
+    if per_task:
+        parser.add_argument("--task", required=True, help="the task (a key of params.yaml tasks) to run")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of a failure (or set {DEBUG_ENV}=1, e.g. under dvc repro)")
     args = parser.parse_args(argv)
@@ -39,6 +45,10 @@ def start(stage: str, argv: list[str] | None, description: str) -> dict[str, Any
     # INFO lines (per-epoch progress, resume decisions) need their level set on the package logger.
     logging.getLogger("pipeline").setLevel(logging.INFO)
     params = load_params(args.params)
+    if per_task:
+        if args.task not in params["tasks"]:
+            raise ValueError(f"--task {args.task!r} is not a task of {args.params} (tasks: {', '.join(params['tasks'])})")
+        params["tasks"] = {args.task: params["tasks"][args.task]}
     _lock_stage(stage, Path(params["paths"]["checkpoints"]))
     logging.getLogger(__name__).info("stage %s: params from %s", stage, args.params)
     return params
@@ -95,13 +105,14 @@ def shard_dir(params: dict[str, Any], dataset: str, domain: str) -> Path:
     return Artifacts(params["paths"]).shards(dataset, domain)
 
 
-def record_run(params: dict[str, Any], stage: str, *, dvc_yaml: str | Path = "dvc.yaml") -> Path:
-    """Write ``<paths.run_info>/<stage>.json``: the params keys ``dvc.yaml`` declares for the stage (the ones
-    it reads), the execution settings under ``runtime``, and package versions.
+def record_run(params: dict[str, Any], stage: str, *, dvc_yaml: str | Path = "dvc.yaml", record: str | None = None
+               ) -> Path:
+    """Write ``<paths.run_info>/<record or stage>.json``: the params keys ``dvc.yaml`` declares for the stage
+    (the ones it reads), the execution settings under ``runtime``, and package versions.
 
     Kept outside the stage's data outputs on purpose: a record that differs between machines must not
     change the hash of what the next stage depends on.
     """
     declared = stage_declaration(stage, dvc_yaml).get("params", [])
     resolved = resolve_keys(params, [k for k in declared if isinstance(k, str)] + ["runtime"])
-    return write_run_info(Artifacts(params["paths"]).run_info(stage), stage=stage, params=resolved)
+    return write_run_info(Artifacts(params["paths"]).run_info(record or stage), stage=stage, params=resolved)
