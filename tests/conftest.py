@@ -105,11 +105,15 @@ def smoke_project(tmp_path_factory):
     return workdir
 
 
-def copy_project(src, dst):
-    """A full copy of a smoke project (workspace, git repository and DVC cache)."""
+def copy_project(src, dst, *, light: bool = False):
+    """A copy of a smoke project: full (workspace, git repository and DVC cache), or ``light``: the workspace
+    only, for tests that run stages directly and never call git or dvc (half the bytes: the cache is)."""
+    import os
     import shutil
 
-    shutil.copytree(src, dst, symlinks=True)
+    skipped = {os.path.join(src, ".git"), os.path.join(src, ".dvc", "cache")} if light else set()
+    shutil.copytree(src, dst, symlinks=True,
+                    ignore=lambda folder, names: [n for n in names if os.path.join(folder, n) in skipped])
     return dst
 
 

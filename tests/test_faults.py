@@ -34,6 +34,12 @@ STUDENTS = "models/students"
 
 @pytest.fixture
 def project(smoke_project, tmp_path):
+    """The smoke workspace without its git repository and DVC cache: the faults run stages directly."""
+    return copy_project(smoke_project, tmp_path / "project", light=True)
+
+
+@pytest.fixture
+def dvc_project(smoke_project, tmp_path):
     return copy_project(smoke_project, tmp_path / "project")
 
 
@@ -142,7 +148,8 @@ def test_missing_params_file(project, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("fault", ["lr zero", "unknown top-level key"])
-def test_dvc_repro_stops_at_validate_and_keeps_the_outputs(project, fault):
+def test_dvc_repro_stops_at_validate_and_keeps_the_outputs(dvc_project, fault):
+    project = dvc_project
     edit, message = PARAM_FAULTS[fault]
     outputs = ("data/shards", "models/prompts", "data/features", STUDENTS, "results/evaluate", "results/report")
     before = digest(project, *outputs)

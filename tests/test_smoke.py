@@ -41,9 +41,10 @@ def _ran(output: str, stages: list[str]) -> bool:
 
 
 def _check_bundles(workdir, tmp_path, monkeypatch, label: str) -> None:
-    """Every task's bundle predicts on a folder of new images (one of them unreadable), exports to merged, pt2 and
-    onnx (when its extra is installed) within the parity bound, and the merged student reproduces the evaluate
-    stage's last-epoch target accuracy from the shards through `uda-distill predict`'s code."""
+    """Every task's bundle predicts on a folder of new images (one of them unreadable); the first task's exports
+    to merged, pt2 and onnx (when its extra is installed) are within the parity bound, and its merged student
+    reproduces the evaluate stage's last-epoch target accuracy from the shards through `uda-distill predict`'s
+    code (one task is enough for the exports: the code path is the same, the suite's time is not)."""
     from pipeline.data.shards import read_labels
     from pipeline.student.export import PARITY_BOUND, export_bundle
     from pipeline.student.predict import predict
@@ -61,10 +62,13 @@ def _check_bundles(workdir, tmp_path, monkeypatch, label: str) -> None:
         rows = predict(bundle, [str(new)], top_k=2, device="cpu")
         assert [r["input"] for r in rows if r["error"]] == [str(new / "unreadable.png")]
         assert len(rows) == 5 and all(len(r["predictions"]) == 2 for r in rows if not r["error"])
+        if task != TASKS[0]:
+            continue
         for fmt in formats:
             out = tmp_path / f"{label}-{task}-{fmt}"
             report = export_bundle(bundle, format=fmt, out=out, images=[str(new)])
             assert report.n_images == 4 and report.max_abs_diff <= PARITY_BOUND, report.summary()
+            print(f"bundle {label} {task}: {(bundle / 'model.safetensors').stat().st_size} B; {report.summary()}")
         metrics = json.loads((workdir / "results" / "evaluate" / task / "metrics.json").read_text())
         target = workdir / "data" / "shards" / "digits" / metrics["target"]
         rows = predict(tmp_path / f"{label}-{task}-merged", [str(target)], batch_size=128, device="cpu")
