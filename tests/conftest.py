@@ -23,7 +23,13 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 # so it is shared, never per test). Flows in tests never touch a developer's real Prefect server.
 @pytest.fixture(autouse=True, scope="session")
 def prefect_backend():
+    from prefect.logging.configuration import setup_logging
+
     with prefect_test_harness():
+        # Configure Prefect's console logging now, on the session's output: configured lazily inside a test
+        # that captures stderr (capsys), its handler would keep that test's stream, closed once the test ends,
+        # and every later log line would print "--- Logging error ---" into the next test's stderr.
+        setup_logging()
         yield
 
 
