@@ -27,9 +27,9 @@ from torch.nn import functional as F
 from pipeline.data.shards import image_loader
 from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np, zero_shot_vectors
+from pipeline.io import load_checkpoint
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
-from pipeline.io import load_checkpoint
 from pipeline.methods.classifiers import CosineClassifier
 from pipeline.methods.shared import EndlessBatches, KeyedRows, train_views
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
