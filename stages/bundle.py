@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     config = bundle_config(name=name, checkpoint=checkpoint, base=base, params=params, evaluation=evaluation)
     with atomic_dir(artifacts.bundle(name)) as tmp:
         write_bundle(tmp, config=config, state=bundle_state(checkpoint), card=model_card(config))
-        Bundle.read(tmp).load_onto(base, method)
+        Bundle.read(tmp).load_onto(base)
     record_run(params, STAGE, record=f"bundle_{name}")
 
 

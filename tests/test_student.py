@@ -307,3 +307,21 @@ def test_the_bundle_stage_runs_one_named_task():
 
     with pytest.raises(ValueError, match=r"--task 'nope' is not a task of .*smoke.yaml.*usps_to_mnist"):
         start("bundle", ["--params", "configs/smoke.yaml", "--task", "nope"], "", per_task=True)
+
+
+def test_bad_predict_arguments_are_named(promptkd_bundle, images):
+    folder, _ = promptkd_bundle
+    with pytest.raises(ValueError, match="--top-k and --batch-size"):
+        predict(folder, [str(images)], top_k=0, device="cpu")
+    with pytest.raises(ValueError, match="--device 'gpu0'"):
+        predict(folder, [str(images)], device="gpu0")
+    with pytest.raises(BundleError, match="local-dir:"):  # a tag cannot stand in for a local-dir: base
+        Bundle.read(folder).base_spec("openai")
+
+
+def test_the_foreach_bundle_stage_declares_its_params_and_model_configs_resolve():
+    from pipeline.config import stage_declaration
+
+    declared = stage_declaration("bundle")  # under `do:` in dvc.yaml
+    assert {"distill", "model", "tasks"} <= set(declared["params"]) and "stages/bundle.py" in declared["deps"]
+    assert model_config(ModelSpec(name="digits-vit-student"))["vision_cfg"]["image_size"] == 32

@@ -185,23 +185,20 @@ class Bundle:
         return ModelSpec(**spec)
 
     def load(self, *, base: str | None = None, cache_dir: str | None = None, device: str = "cpu") -> Student:
-        from pipeline.methods import METHODS  # the method registry imports every method's training code
-
-        spec = self.base_spec(base, cache_dir)
+        """Load the base model (see :meth:`base_spec`) and rebuild the trained model on it."""
         try:
-            model = load_model(spec, device="cpu")
+            model = load_model(self.base_spec(base, cache_dir), device="cpu")
         except ModelWeightsError as exc:
             raise ModelWeightsError(f"bundle {self.dir}: base weights not found: {exc}. For this command pass "
                                     f"--base (local-dir:<folder>, a weights file or a tag) or --cache-dir") from None
-        return self.load_onto(model, METHODS[self.config["method"]], device=device)
+        return self.load_onto(model, device=device)
 
-    def load_onto(self, base: LoadedModel, method=None, *, device: str = "cpu") -> Student:
+    def load_onto(self, base: LoadedModel, *, device: str = "cpu") -> Student:
         """Rebuild the trained model on an already loaded ``base`` (checked to be the bundle's base)."""
-        from pipeline.methods import METHODS
+        from pipeline.methods import METHODS  # the method registry imports every method's training code
 
         self.check_base(base)
-        method = method or METHODS[self.config["method"]]
-        model = method.classifier(self.state, self.config, base).to(device).eval()
+        model = METHODS[self.config["method"]].classifier(self.state, self.config, base).to(device).eval()
         return Student(model=model, preprocess=base.preprocess, classes=self.config["classes"], config=self.config,
                        base=base)
 
