@@ -27,7 +27,7 @@ from pipeline.methods.shared import make_student
 from pipeline.models.factory import ModelSpec, load_model
 
 PAIRS = {"default": ("params.yaml", "ViT-B-16-quickgelu", "ViT-B-32-quickgelu"),
-         "smoke": ("configs/smoke.yaml", "digits-vit-teacher", "digits-vit-student")}
+         "smoke": ("params.yaml", "digits-vit-teacher", "digits-vit-student")}
 
 
 def models(params_file: str, teacher_name: str, student_name: str, classes: int):

@@ -1,6 +1,6 @@
 """Run the real pipeline (``dvc repro``) on the smoke configuration in a scratch copy of the project.
 
-The copy gets ``configs/smoke.yaml`` as its ``params.yaml``, its own git repository (so that ``dvc exp run``
+The copy keeps the default (offline) ``params.yaml`` and gets its own git repository (so that ``dvc exp run``
 also works there, as the tests check) and its own Prefect home, so the user's workspace, caches and DVC lock are never touched.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROJECT_FILES = ("pipeline", "stages", "configs", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore",
-                 "pyproject.toml")
+PROJECT_FILES = ("pipeline", "stages", "configs", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config",
+                 ".dvc/.gitignore", "pyproject.toml")
 
 
 def project_root() -> Path:
@@ -65,7 +65,6 @@ def prepare_workdir(workdir: str | os.PathLike, *, source: Path | None = None) -
         elif src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    shutil.copy2(source / "configs" / "smoke.yaml", workdir / "params.yaml")
     env = smoke_env(workdir)
     run(["git", "init", "-q"], cwd=workdir, env=env)
     # a local identity: `dvc exp run` commits experiments, and CI machines may have no global one

@@ -42,7 +42,7 @@ def run(tmp_path_factory):
         "folders_studio_to_street": ("my_folders", "studio", "street"),
         "lists_synthetic_to_photos": ("my_lists", "synthetic", "photos"),
     }
-    params = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"] = {k: str(tmp / "work" / k) for k in params["paths"]}
     params["data"]["max_bad_fraction"] = 0.05  # office_home/art holds 3 bad files of 133
     params["data"]["shard_maxcount"] = 50

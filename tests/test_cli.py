@@ -19,7 +19,7 @@ def test_torchvision_guard_lets_open_clip_import():
 
 
 def test_fetch_weights_offline_names_the_model(tmp_path, capsys):
-    params = (ROOT / "params.yaml").read_text().replace("cache_dir: null", f"cache_dir: {tmp_path}")
+    params = (ROOT / "configs" / "digits_clip.yaml").read_text().replace("cache_dir: null", f"cache_dir: {tmp_path}")
     (tmp_path / "params.yaml").write_text(params)
     assert main(["fetch-weights", "--params", str(tmp_path / "params.yaml")]) == 1
     err = capsys.readouterr().err

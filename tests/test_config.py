@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def params():
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load((ROOT / "configs" / "digits_clip.yaml").read_text())
 
 
 def _error(params) -> str:
@@ -23,10 +23,10 @@ def _error(params) -> str:
 
 def test_shipped_params_are_valid():
     default = load_params(ROOT / "params.yaml")
-    smoke = load_params(ROOT / "configs" / "smoke.yaml")
-    assert default["model"]["teacher"]["pretrained"] == "openai"
-    assert smoke["model"]["teacher"]["name"].startswith("local-dir:")
-    assert set(smoke) == set(default)  # the smoke config has exactly the same keys
+    clip = load_params(ROOT / "configs" / "digits_clip.yaml")
+    assert default["model"]["teacher"]["name"].startswith("local-dir:")  # the offline default: stand-ins
+    assert clip["model"]["teacher"]["pretrained"] == "openai"
+    assert set(clip) == set(default)  # the real-CLIP config has exactly the same keys
 
 
 def test_tasks_are_a_dict_without_same_domain_pairs(params):
@@ -83,7 +83,7 @@ def test_cross_checks(params, change, expected):
 
 
 def test_standins_must_not_see_a_task_target():
-    smoke = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    smoke = yaml.safe_load((ROOT / "params.yaml").read_text())
     target = next(iter(smoke["tasks"].values()))["target"]
     smoke["standins"]["domains"] = [target]
     assert f"standins.domains: {target!r} is the target of a task" in _error(smoke)
@@ -105,7 +105,7 @@ def test_missing_or_broken_file(tmp_path):
         load_params(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "configs/smoke.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "configs/digits_clip.yaml"])
 def test_params_survive_dvc_exp_run_set(tmp_path, name):
     """`dvc exp run -S` rewrites params.yaml with its own YAML writer; the result must still load."""
     from dvc.utils.serialize import modify_yaml

@@ -81,7 +81,7 @@ def test_every_task_has_a_model_artifact():
     """dvc.yaml cannot generate `artifacts:` entries from params: each task needs its own, pointing at its bundle."""
     artifacts = yaml.safe_load((ROOT / "dvc.yaml").read_text())["artifacts"]
     paths = {a["path"] for a in artifacts.values()}
-    for params in ("params.yaml", "configs/smoke.yaml"):
+    for params in ("params.yaml", "configs/digits_clip.yaml"):
         for task in yaml.safe_load((ROOT / params).read_text())["tasks"]:
             assert "${paths.bundles}/" + task in paths, f"{params}: task {task} has no artifact entry in dvc.yaml"
     assert all(a["type"] == "model" for a in artifacts.values())

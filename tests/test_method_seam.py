@@ -12,7 +12,7 @@ from pipeline.methods.training import Prediction, Step, TrainingDiverged, fit
 
 @pytest.fixture(scope="module")
 def base():
-    return load_params("params.yaml")
+    return load_params("configs/digits_clip.yaml")
 
 
 def test_registry_names_roles_and_blocks():

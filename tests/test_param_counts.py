@@ -12,7 +12,7 @@ B16, L14 = "ViT-B-16-quickgelu", "ViT-L-14-quickgelu"
 
 @pytest.fixture(scope="module")
 def base():
-    return load_params("params.yaml")
+    return load_params("configs/digits_clip.yaml")
 
 
 def _counts(base, method, teacher, student=B16, **overrides):
@@ -53,7 +53,8 @@ def test_dapl_matches_the_spec(base):
 
 
 def test_info_command_prints_the_table(capsys):
-    assert main(["info", "--method", "dapl", "--teacher", B16, "-S", "distill.dapl.n_ctx=16"]) == 0
+    assert main(["info", "--params", "configs/digits_clip.yaml", "--method", "dapl", "--teacher", B16,
+                 "-S", "distill.dapl.n_ctx=16"]) == 0
     out = capsys.readouterr().out
     assert "method dapl" in out and "24,576" in out
     assert main(["info", "-S", "distill.ekda.n_tokens"]) == 1

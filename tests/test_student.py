@@ -45,7 +45,7 @@ def base(student, tmp_path_factory):
 
 
 def _params(method, **block):
-    params = load_params("configs/smoke.yaml")
+    params = load_params("params.yaml")
     params["distill"]["method"] = method
     params["distill"][method].update(block)
     return params
@@ -305,8 +305,8 @@ def test_cli_errors_are_one_line(promptkd_bundle, tmp_path, capsys):
 def test_the_bundle_stage_runs_one_named_task():
     from pipeline.orchestration.stage import start
 
-    with pytest.raises(ValueError, match=r"--task 'nope' is not a task of .*smoke.yaml.*usps_to_mnist"):
-        start("bundle", ["--params", "configs/smoke.yaml", "--task", "nope"], "", per_task=True)
+    with pytest.raises(ValueError, match=r"--task 'nope' is not a task of .*params.yaml.*usps_to_mnist"):
+        start("bundle", ["--params", "params.yaml", "--task", "nope"], "", per_task=True)
 
 
 def test_bad_predict_arguments_are_named(promptkd_bundle, images):
