@@ -26,13 +26,15 @@ from pipeline.command import entry
 
 
 def _smoke(args: argparse.Namespace) -> int:
-    from pipeline.smoke import run_smoke
+    from pipeline.smoke import prefect_target, run_smoke
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="uda-distill-smoke-"))
+    print(f"smoke: dvc repro in {workdir}; Prefect runs go to {prefect_target()}", flush=True)
     start = time.perf_counter()
     results = run_smoke(workdir, echo=True)
     print((results / "results.md").read_text())
-    print(f"smoke pipeline finished in {time.perf_counter() - start:.0f} s; project copy: {workdir}")
+    print(f"smoke pipeline finished in {time.perf_counter() - start:.0f} s; project copy: {workdir} "
+          f"(next: cd there and `dvc exp run -S distill.epochs=2`, `dvc exp show`)")
     return 0
 
 
@@ -72,6 +74,14 @@ def _info(args: argparse.Namespace) -> int:
             parent = parent[part]
         parent[key.split(".")[-1]] = yaml.safe_load(value)
     validate_params(params, source=f"{args.params} with {overrides}")
+    from pipeline.models.factory import LOCAL_DIR
+    from pipeline.orchestration.stage import standin_architectures
+
+    built_here = standin_architectures(params)  # the stand-ins' architectures, whether trained yet or not
+    for role in ("teacher", "student"):
+        name = params["model"][role]["name"]
+        if name.startswith(LOCAL_DIR) and Path(name[len(LOCAL_DIR):]) in built_here:
+            params["model"][role]["name"] = built_here[Path(name[len(LOCAL_DIR):])]
     rows = method_parameter_counts(params, n_classes=args.classes)
     width = max(len(r["part"]) for r in rows)
     print(f"method {params['distill']['method']}, {args.classes} classes")

@@ -1,7 +1,12 @@
-"""Run the real pipeline (``dvc repro``) on the smoke configuration in a scratch copy of the project.
+"""``uda-distill smoke``: the README's main command (``dvc repro`` on the default, offline ``params.yaml``)
+in a scratch copy of the project, as a fresh clone would run it.
 
-The copy keeps the default (offline) ``params.yaml`` and gets its own git repository (so that ``dvc exp run``
-also works there, as the tests check) and its own Prefect home, so the user's workspace, caches and DVC lock are never touched.
+The copy holds the project's files as git sees them (tracked and not ignored; a fixed list outside a git
+checkout), is its own git repository (so ``dvc exp run`` works there at once), and after the run commits
+``dvc.lock`` and the metrics, so ``dvc exp show`` and ``dvc metrics diff`` have a baseline. Running it again
+on the same folder re-runs ``dvc repro`` there (DVC runs what changed). The user's workspace, caches and DVC
+lock are never touched. Prefect runs go to the server named by ``PREFECT_API_URL`` when it is set (e.g. by
+``uda-distill server``), else to a temporary server per stage whose database lives in the copy.
 """
 from __future__ import annotations
 
@@ -11,21 +16,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+#: What a copy holds when the project is not a git checkout (e.g. an unpacked archive).
 PROJECT_FILES = ("pipeline", "stages", "configs", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config",
-                 ".dvc/.gitignore", "pyproject.toml")
+                 ".dvc/.gitignore", ".gitignore", "pyproject.toml", "README.md")
+#: Written into every copy: a folder holding it is a smoke project that `smoke` may run again.
+MARKER = ".uda-distill-smoke"
+LOG = "smoke.log"
 
 
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def prefect_target() -> str:
+    """Where the smoke run's Prefect runs go, in words."""
+    url = os.environ.get("PREFECT_API_URL")
+    return f"the Prefect server at {url}" if url else "a temporary Prefect server per stage (set PREFECT_API_URL to keep them)"
+
+
 def smoke_env(workdir: Path) -> dict[str, str]:
     """Offline, telemetry-free environment for the pipeline's subprocesses."""
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(workdir / ".prefect"),
-                "PYTHONUNBUFFERED": "1"})
-    env.pop("PREFECT_API_URL", None)  # ephemeral: never report smoke runs into a user's server
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"})
+    if not env.get("PREFECT_API_URL"):  # temporary servers keep their database in the copy, not in ~/.prefect
+        env["PREFECT_HOME"] = str(workdir / ".prefect")
     # stage commands say `python -m ...`: make that this interpreter even when its venv is not activated
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -52,37 +67,68 @@ def run(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path | None = No
     return output
 
 
+def _project_files(source: Path) -> list[str]:
+    """The files a fresh clone of ``source`` would hold (tracked, plus new files git does not ignore)."""
+    if (source / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source,
+                                check=True, capture_output=True).stdout.decode().split("\0")
+        return [name for name in listed if name and (source / name).is_file()]  # not files deleted in the tree
+    return [str(p.relative_to(source)) for name in PROJECT_FILES for p in
+            ([source / name] if (source / name).is_file() else sorted((source / name).rglob("*")))
+            if p.is_file() and "__pycache__" not in p.parts]
+
+
+def _git(args: list[str], workdir: Path) -> str:
+    return run(["git", *args], cwd=workdir, env=smoke_env(workdir))
+
+
 def prepare_workdir(workdir: str | os.PathLike, *, source: Path | None = None) -> Path:
-    """Copy the project into ``workdir`` with the smoke params, as a fresh git repository."""
+    """Copy the project into ``workdir`` as a fresh git repository; a folder made by an earlier smoke run is
+    returned as it is (its code is that earlier copy)."""
     source, workdir = source or project_root(), Path(workdir)
+    if (workdir / MARKER).is_file():
+        return workdir
     if workdir.exists() and any(workdir.iterdir()):
-        raise FileExistsError(f"smoke workdir {workdir} is not empty; pass a new folder")
-    workdir.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src, dst = source / name, workdir / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-    env = smoke_env(workdir)
-    run(["git", "init", "-q"], cwd=workdir, env=env)
+        raise FileExistsError(f"smoke folder {workdir} is not empty and was not made by `uda-distill smoke` "
+                              f"(no {MARKER} in it); pass a new or empty folder, or the folder of an earlier smoke run")
+    for name in _project_files(source):
+        dst = workdir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, dst)
+    (workdir / MARKER).write_text(f"a scratch copy of {source} made by `uda-distill smoke`\n", encoding="utf-8")
+    _git(["init", "-q"], workdir)
     # a local identity: `dvc exp run` commits experiments, and CI machines may have no global one
-    run(["git", "config", "user.name", "uda-distill smoke"], cwd=workdir, env=env)
-    run(["git", "config", "user.email", "smoke@localhost"], cwd=workdir, env=env)
-    run(["git", "add", "-A"], cwd=workdir, env=env)
-    run(["git", "commit", "-q", "-m", "smoke configuration"], cwd=workdir, env=env)
+    _git(["config", "user.name", "uda-distill smoke"], workdir)
+    _git(["config", "user.email", "smoke@localhost"], workdir)
+    with open(workdir / ".git" / "info" / "exclude", "a", encoding="utf-8") as fh:
+        fh.write(f"{LOG}\n")
+    _git(["add", "-A"], workdir)
+    _git(["commit", "-q", "-m", "uda-distill project (scratch copy)"], workdir)
     return workdir
 
 
 def dvc(args: list[str], *, workdir: Path, echo: bool = False) -> str:
     """Run a ``dvc`` command in the scratch project with the smoke environment (logged to smoke.log)."""
     return run([sys.executable, "-m", "dvc", *args], cwd=workdir, env=smoke_env(workdir),
-               log=workdir / "smoke.log", echo=echo)
+               log=workdir / LOG, echo=echo)
+
+
+def commit_results(workdir: Path, message: str = "smoke run: dvc.lock and metrics") -> bool:
+    """Commit what ``dvc repro`` leaves for git (``dvc.lock``, metrics, DVC's .gitignore entries); False when
+    nothing changed."""
+    _git(["add", "-A"], workdir)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=workdir).returncode == 0:
+        return False
+    _git(["commit", "-q", "-m", message], workdir)
+    return True
 
 
 def run_smoke(workdir: str | os.PathLike, *, echo: bool = False) -> Path:
-    """Prepare ``workdir`` and run ``dvc repro`` there; return the results folder."""
+    """Prepare (or reuse) ``workdir``, run ``dvc repro`` there and commit the result; return the results folder."""
     workdir = prepare_workdir(workdir)
     dvc(["repro"], workdir=workdir, echo=echo)
-    return workdir / "results" / "report"
+    commit_results(workdir)
+    import yaml
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))
+    return workdir / params["paths"]["report"]

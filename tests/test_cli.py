@@ -24,10 +24,45 @@ def test_fetch_weights_offline_names_the_model(tmp_path, capsys):
     assert main(["fetch-weights", "--params", str(tmp_path / "params.yaml")]) == 1
     err = capsys.readouterr().err
     assert "uda-distill: error: teacher model 'ViT-B-16-quickgelu'" in err and "Traceback" not in err
+    assert "git checkout params.yaml" in err  # names the configuration that runs offline
+
+
+def test_validate_stops_a_config_whose_weights_are_missing(tmp_path, capsys, monkeypatch):
+    """The first stage of `dvc repro` checks the weights (the default's stand-ins are built later, so pass)."""
+    from stages import validate
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    assert validate.main(["--params", "params.yaml"]) is None  # stand-ins: nothing to download
+    clip = (ROOT / "configs" / "digits_clip.yaml").read_text().replace("cache_dir: null", f"cache_dir: {tmp_path}")
+    (tmp_path / "clip.yaml").write_text(clip)
+    assert validate.entry("validate", validate.main, ["--params", "clip.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err  # one message and the --debug hint
+    assert "validate: error: teacher model 'ViT-B-16-quickgelu'" in err and "git checkout params.yaml" in err
+
+
+def test_no_route_to_the_hub_means_the_cache_only(monkeypatch):
+    """Without a route to the Hub, weights come from the cache at once (huggingface_hub would retry for ~50 s)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from pipeline.models import factory
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("unreachable")))
+    seen = []
+    monkeypatch.setattr(factory, "download_pretrained",
+                        lambda cfg, cache_dir: seen.append(constants.HF_HUB_OFFLINE) or "/cached/weights.bin")
+    spec = factory.ModelSpec(name="ViT-B-32", pretrained="openai", role="student")
+    assert factory.check_weights_available(spec) == "/cached/weights.bin"
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False  # offline only during the call
 
 
 def test_smoke_refuses_a_non_empty_workdir(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("user data")
     assert main(["smoke", "--workdir", str(tmp_path)]) == 1
-    assert "is not empty; pass a new folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not empty and was not made by `uda-distill smoke`" in err and "Traceback" not in err
     assert (tmp_path / "keep.txt").read_text() == "user data"

@@ -85,3 +85,15 @@ def test_every_task_has_a_model_artifact():
         for task in yaml.safe_load((ROOT / params).read_text())["tasks"]:
             assert "${paths.bundles}/" + task in paths, f"{params}: task {task} has no artifact entry in dvc.yaml"
     assert all(a["type"] == "model" for a in artifacts.values())
+
+
+def test_no_committed_relative_remote_url():
+    """DVC resolves a relative remote URL against the wrong folder (treeverse/dvc#10054, #10617): `dvc push
+    --all-commits` wrote into a folder at the filesystem root. Remotes are the user's, added with --local."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".dvc" / "config")
+    for section in config.sections():
+        url = config[section].get("url")
+        assert url is None or "://" in url or url.startswith("/"), f".dvc/config [{section}] url {url!r} is relative"

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _params(tmp_path, change=None) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((ROOT / "configs" / "digits_clip.yaml").read_text())
     params["paths"] = {k: str(tmp_path / k) for k in params["paths"]}
     params["data"]["datasets"]["digits"]["per_class"] = 3
     params["model"]["cache_dir"] = str(tmp_path / "empty-cache")

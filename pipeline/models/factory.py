@@ -13,9 +13,11 @@ back silently to random weights: a missing tag, file or folder stops the stage b
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +101,48 @@ def check_weights_available(spec: ModelSpec) -> str | None:
         raise ModelWeightsError(f"{spec.describe()}: {spec.pretrained!r} is neither a pretrained tag of this "
                                 f"architecture ({open_clip.list_pretrained_tags_by_model(spec.name)}) nor an "
                                 f"existing file; {hint}")
+    reachable = _hub_reachable()
     try:
-        return download_pretrained(tag_cfg, cache_dir=spec.cache_dir)
+        with _hub_offline(not reachable):
+            return download_pretrained(tag_cfg, cache_dir=spec.cache_dir)
     except Exception as exc:  # offline, no cache, network failure: all mean "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = " and HF_HUB_OFFLINE is set" if offline else ("" if reachable else " and the Hub cannot be reached")
         raise ModelWeightsError(f"{spec.describe()}: weights are not cached in "
-                                f"{spec.cache_dir or 'the Hugging Face cache'}"
-                                f"{' and HF_HUB_OFFLINE is set' if offline else ''} ({type(exc).__name__}); "
-                                f"{hint}") from exc
+                                f"{spec.cache_dir or 'the Hugging Face cache'}{why} ({type(exc).__name__}); "
+                                f"{hint}; or run offline with the stand-in models of the repository's own "
+                                f"params.yaml (`git checkout params.yaml`)") from exc
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub's host answers at all (False at once under HF_HUB_OFFLINE)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Look in the cache only while ``offline``: without a route to the Hub, huggingface_hub retries every file
+    five times with back-off (about 50 s of warnings) before giving up. Its download functions read this
+    module constant at call time."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 @dataclasses.dataclass

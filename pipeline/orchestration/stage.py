@@ -19,7 +19,7 @@ from pipeline.artifacts import Artifacts
 from pipeline.command import DEBUG_ENV
 from pipeline.config import load_params, resolve_keys, stage_declaration
 from pipeline.io import write_run_info
-from pipeline.models.factory import ModelSpec, check_weights_available
+from pipeline.models.factory import LOCAL_DIR, ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
 
 _STAGE_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held until the process exits
@@ -102,6 +102,21 @@ def checked_model_spec(params: dict[str, Any], role: str) -> ModelSpec:
     spec = ModelSpec.from_params(params["model"][role], role=role, cache_dir=params["model"]["cache_dir"])
     check_weights_available(spec)
     return spec
+
+
+def standin_architectures(params: dict[str, Any]) -> dict[Path, str]:
+    """{folder: architecture} of the ``local-dir:`` models the ``standins`` stage writes (before it has run)."""
+    root = Path(params["paths"]["standins"])
+    return {root / name: arch for name, arch in params["standins"]["models"].items()}
+
+
+def check_models(params: dict[str, Any]) -> None:
+    """Check that the teacher's and student's weights can be had, except the stand-ins a stage will build."""
+    built_here = standin_architectures(params)
+    for role in ("teacher", "student"):
+        spec = ModelSpec.from_params(params["model"][role], role=role, cache_dir=params["model"]["cache_dir"])
+        if not (spec.is_local_dir and spec.local_dir in built_here):
+            check_weights_available(spec)
 
 
 def shard_dir(params: dict[str, Any], dataset: str, domain: str) -> Path:
