@@ -1,6 +1,6 @@
 """Inference throughput of the shipped models: student vs teacher, and the exported (pt2) student vs eager.
 
-For each pair (the default ViT-B/16 teacher -> ViT-B/32 student, and the smoke stand-ins) both models
+For each pair (the real-CLIP ViT-B/16 teacher -> ViT-B/32 student, and the default stand-ins) both models
 classify the same synthetic images, each through its own preprocessing (done before timing): the teacher
 as the source-prompted teacher infers (its image encoder against class vectors), the student as its
 promptkd bundle does (prompted encoder + projector against the same class vectors, the params' promptkd
@@ -26,8 +26,8 @@ from pipeline.methods.classifiers import CosineClassifier
 from pipeline.methods.shared import make_student
 from pipeline.models.factory import ModelSpec, load_model
 
-PAIRS = {"default": ("params.yaml", "ViT-B-16-quickgelu", "ViT-B-32-quickgelu"),
-         "smoke": ("params.yaml", "digits-vit-teacher", "digits-vit-student")}
+PAIRS = {"clip": ("configs/digits_clip.yaml", "ViT-B-16-quickgelu", "ViT-B-32-quickgelu"),
+         "standins": ("params.yaml", "digits-vit-teacher", "digits-vit-student")}
 
 
 def models(params_file: str, teacher_name: str, student_name: str, classes: int):

@@ -30,6 +30,12 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file another library wrote the permissions a new file gets (safetensors' ``save_file`` writes
+    through a 0600 temporary, unreadable to a lab group)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _tmp_sibling(path: Path, *, is_dir: bool) -> Path:
     # The writer's pid is part of the name, so a later run can tell a killed writer's leftovers from a live
     # writer's work in progress (remove_stale_temporaries).

@@ -1,6 +1,6 @@
 """Stage ``standins``: pretrain the tiny digits stand-in VLMs named in ``standins.models``.
 
-Only the offline smoke configuration names any; with real weights this stage writes an empty manifest.
+Only the offline default params.yaml names any; with real weights this stage writes an empty manifest.
 """
 from __future__ import annotations
 

@@ -11,23 +11,37 @@ teacher on both tasks); the tests use 2 epochs and check each method against cha
 """
 import importlib.util
 import json
+import os
 import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import copy_project
-from pipeline.smoke import dvc
+from pipeline.smoke import _project_files, dvc
 
 pytestmark = pytest.mark.slow
 CHANCE = 10.0
 TASKS = ("usps_to_mnist", "mnist_to_usps")
+HEADLINE = "results/report/headline.json"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def smoke(smoke_project, tmp_path_factory):
     workdir = copy_project(smoke_project, tmp_path_factory.mktemp("smoke") / "project")  # these tests change it
     return workdir, json.loads((workdir / "results" / "report" / "results.json").read_text())
+
+
+def _strings(obj) -> list:
+    """Every string value inside a (metrics) JSON object."""
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
 
 
 def _stages_run(output: str) -> list[str]:
@@ -80,6 +94,30 @@ def _check_bundles(workdir, tmp_path, monkeypatch, label: str) -> None:
         assert abs(100 * (predicted == labels).mean() - last["acc"]) <= 100 / len(labels) + 1e-9, (label, task)
 
 
+def test_the_readme_main_command_runs_offline_in_a_fresh_clone(smoke_project):
+    """The smoke project is the README's first command (`pip install ... && dvc repro`, default params.yaml) run
+    offline on the files a fresh clone holds; it leaves a results table and commits dvc.lock and the metrics."""
+    first_block = re.search(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert first_block.strip().endswith("&& dvc repro")
+    assert all((smoke_project / name).is_file() for name in _project_files(ROOT))
+    table = (smoke_project / "results" / "report" / "results.md").read_text()
+    assert all(f"| {task} |" in table for task in TASKS)
+    git = lambda *args: subprocess.run(["git", *args], cwd=smoke_project, capture_output=True, text=True).stdout
+    assert git("status", "--porcelain") == ""  # everything DVC left for git is committed
+    assert {"dvc.lock", HEADLINE, "results/report/results.json"} <= set(git("ls-files").split())
+
+
+def test_outputs_follow_the_umask(smoke_project):
+    """Outputs are readable by the group and others when the umask allows it (they were 0700/0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    wanted = 0o055 & ~umask  # group/other read (+ search on folders)
+    for root in ("data", "models", "results"):
+        for path in [smoke_project / root, *(smoke_project / root).rglob("*")]:
+            bits = wanted if path.is_dir() else wanted & 0o044
+            assert path.stat().st_mode & bits == bits, f"{path}: mode {path.stat().st_mode & 0o777:o}"
+
+
 def test_results_table_keys_and_ranges(smoke):
     workdir, results = smoke
     assert set(results["tasks"]) == {"usps_to_mnist", "mnist_to_usps"}
@@ -129,11 +167,23 @@ def test_metrics_and_plots_are_declared(smoke):
 
 
 def test_exp_run_reruns_only_distill_and_what_follows(smoke):
+    """Two experiments; `dvc exp show` lists both beside the committed baseline, headline metrics first."""
     workdir, _ = smoke
-    out = dvc(["exp", "run", "-S", "distill.epochs=2"], workdir=workdir)
-    assert _ran(out, ["validate", "distill", "evaluate", "report"])
+    for epochs in (2, 1):
+        out = dvc(["exp", "run", "-S", f"distill.epochs={epochs}"], workdir=workdir)
+        assert _ran(out, ["validate", "distill", "evaluate", "report"])
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
-    assert all(t["student"]["target"]["best_epoch"] <= 2 for t in results["tasks"].values())
+    assert all(t["student"]["target"]["best_epoch"] == 1 for t in results["tasks"].values())
+    baseline = next(r for r in json.loads(dvc(["exp", "show", "--json"], workdir=workdir)) if r["rev"] != "workspace")
+    rows = [baseline] + [rev for exp in baseline["experiments"] for rev in exp["revs"]][-2:]
+    epochs = [row["data"]["params"]["params.yaml"]["data"]["distill"]["epochs"] for row in rows]
+    assert epochs == [5, 1, 2] or epochs == [5, 2, 1]  # the baseline, then the two runs (newest first or last)
+    for row in rows:
+        metrics = row["data"]["metrics"]
+        assert list(metrics)[0] == HEADLINE, list(metrics)  # shown first
+        headline = metrics[HEADLINE]["data"]
+        assert set(headline) >= {"mean", *TASKS} and 0 < headline["mean"]["student"]["acc"] <= 100
+        assert not _strings(metrics), "a metrics file holds strings"
 
 
 def test_promptkd_bundles_predict_export_and_reproduce_the_evaluation(smoke, tmp_path, monkeypatch):

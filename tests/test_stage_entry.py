@@ -115,6 +115,23 @@ def test_outputs_are_readable_as_the_umask_says(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "f.json").stat().st_mode & 0o777 == 0o644
 
 
+def test_safetensors_files_follow_the_umask(tmp_path, monkeypatch):
+    """safetensors writes through a 0600 temporary: model folders and residuals get the usual mode."""
+    import torch
+
+    import pipeline.io
+    from pipeline.models.factory import ModelSpec, load_model, save_local_dir
+    from pipeline.models.residual import save_residual
+
+    monkeypatch.setattr(pipeline.io, "_UMASK", 0o022)
+    model = load_model(ModelSpec(name="digits-vit-student", pretrained="random"))
+    save_local_dir(model.model, {"embed_dim": 32}, tmp_path / "model")
+    assert (tmp_path / "model" / "open_clip_model.safetensors").stat().st_mode & 0o777 == 0o644
+    weights = {"w": torch.zeros(3)}
+    save_residual(tmp_path / "residual.safetensors", trained=weights, base=weights, identity=model.identity)
+    assert (tmp_path / "residual.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_params_that_are_not_utf8_or_carry_a_bom(tmp_path):
     from pipeline.config import load_params
 

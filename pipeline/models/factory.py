@@ -26,7 +26,7 @@ import open_clip
 import torch
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, follow_umask
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(CONFIG_DIR)  # architectures as data: the repo's JSON configs become model names
@@ -238,6 +238,7 @@ def save_local_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: s
     with atomic_dir(out_dir) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "open_clip_model.safetensors"))
+        follow_umask(tmp / "open_clip_model.safetensors")
         config = {"model_cfg": model_cfg,
                   "preprocess_cfg": preprocess_config(model)}
         (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")

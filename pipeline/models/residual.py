@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.io import atomic_write
+from pipeline.io import atomic_write, follow_umask
 
 FORMAT = "uda-distill/sparse-residual-v1"
 RESIDUAL, EXTRA = "residual.", "extra."
@@ -134,7 +134,12 @@ def save_residual(path: str | os.PathLike, *, trained: dict[str, torch.Tensor], 
         tensors[f"{EXTRA}{name}"] = t.detach().cpu().contiguous()
     metadata = {"format": FORMAT, "base_identity": json.dumps(_canonical(identity), sort_keys=True),
                 "base_hash": visual_weights_hash(base)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        follow_umask(tmp)
+
+    return atomic_write(path, write)
 
 
 def load_residual(path: str | os.PathLike, *, base: dict[str, torch.Tensor], identity: dict

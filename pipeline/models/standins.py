@@ -1,4 +1,4 @@
-"""Tiny stand-in VLMs pretrained on the bundled digits, for the offline smoke configuration.
+"""Tiny stand-in VLMs pretrained on the bundled digits, for the offline default configuration (params.yaml).
 
 Real CLIP weights cannot be downloaded everywhere (CI has no network), and a random tiny CLIP carries no
 knowledge, so a smoke result would mean nothing. These stand-ins are trained from scratch, both towers, on
