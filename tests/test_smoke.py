@@ -210,9 +210,10 @@ def test_every_method_runs_through_dvc(smoke, method, extra, tmp_path, monkeypat
     _check_bundles(workdir, tmp_path, monkeypatch, method)
 
 
-@pytest.mark.parametrize("variant", ["plain", "fixmatch", "rst"])
+@pytest.mark.parametrize("variant", ["fixmatch", "rst"])
 def test_cmkd_variants_run_through_dvc(smoke, variant, tmp_path, monkeypatch):
-    """CMKD, CMKD + FixMatch and CMKD + RST: the stand-in student's visual tower fine-tuned (3 x 40 iterations)."""
+    """CMKD + FixMatch and CMKD + RST: the stand-in student's visual tower fine-tuned (3 x 40 iterations). Plain
+    CMKD is their common path (the RST run has no FixMatch term; the FixMatch run ships the dense tower)."""
     workdir, _ = smoke
     # `dvc exp run` leaves its params in the workspace: set both switches every time
     switches = [f"distill.cmkd.fixmatch.enabled={str(variant == 'fixmatch').lower()}",
