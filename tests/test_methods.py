@@ -146,7 +146,7 @@ def _toy_fit(checkpoint_path=None, epochs=2):
 def test_agreement_with_the_teacher_by_hand():
     assert agreement(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0])) == 75.0
     assert agreement(np.array([2, 2, 2]), np.array([1, 2, 0])) == 33.33
-    with pytest.raises(ValueError, match="toy: predictions of shape \\(3,\\) but a teacher reference of shape \\(2,\\)"):
+    with pytest.raises(ValueError, match=r"toy: predictions of shape \(3,\) but a teacher reference of shape \(2,\)"):
         agreement(np.zeros(3), np.zeros(2), where="toy")
 
 
