@@ -80,8 +80,8 @@ class EpochRecorder:
     After each epoch :func:`fit` hands over the log entry, the target predictions (shard order; None for a
     run with no target to predict), other rules' predictions, the trainable state and what it needs to
     resume. With a ``reference`` (the teacher's predictions of the same images) the entry gets
-    ``agreement_with_teacher``. If one class takes more than ``collapse_fraction`` of the predictions the run stops with
-    :class:`TrainingCollapsed`, leaving the snapshot of the previous (good) epoch in place; otherwise the
+    ``agreement_with_teacher``. If one class takes more than ``collapse_fraction`` of the predictions the run
+    stops with :class:`TrainingCollapsed`, leaving the snapshot of the previous (good) epoch in place; otherwise the
     epoch is kept and, with a ``checkpoint_path``, written there atomically: ``epoch``, ``state`` (the last
     good trainable state), ``log``, ``keys``, ``predictions``, ``extra`` and ``resume``.
     """
