@@ -9,6 +9,8 @@ temporary folder (writers, see :func:`pipeline.io.atomic_dir`)::
     paths.features/domains/<dataset>/<domain>/  DomainFeatures: features.npy, keys.json, index.faiss, index.json
     paths.features/tasks/<task>/                TaskFeatures: class vectors, target logits, teacher predictions
     paths.distill/<task>/                       StudentOutput: student.pt, predictions.npy, keys.json, ...
+    paths.curves/<task>/plots/metrics/          the distill stage's training curves, one TSV per value
+                                                (pipeline.methods.curves; DVCLive's layout)
     paths.evaluate/<task>/metrics.json          EvaluateOutput
     paths.bundles/<task>/                       the shipped student (pipeline.student.bundle)
     paths.checkpoints/<stage>/<task>/           resume area: snapshot, finished outputs (pipeline.resume;
@@ -275,6 +277,10 @@ class Artifacts:
 
     def student(self, task: str) -> StudentOutput:
         return StudentOutput(Path(self.paths["distill"]) / task)
+
+    def curves(self, task: str) -> Path:
+        """The DVCLive folder of a task's training curves (:mod:`pipeline.methods.curves`)."""
+        return Path(self.paths["curves"]) / task
 
     def evaluation(self, task: str) -> EvaluateOutput:
         return EvaluateOutput(Path(self.paths["evaluate"]) / task)

@@ -66,8 +66,8 @@ DATASET = Tagged("format", {"digits": DIGITS, **{f: _dataset_schema(f) for f in 
 
 SCHEMA: dict[str, Any] = {
     "seed": integer(0),
-    "paths": {k: text() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "evaluate",
-                                  "bundles", "report", "run_info", "checkpoints")},
+    "paths": {k: text() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "curves",
+                                  "evaluate", "bundles", "report", "run_info", "checkpoints")},
     "data": {
         "shard_maxcount": integer(1),
         "shuffle_seed": integer(0),

@@ -6,6 +6,8 @@ model identities with precision and preprocessing), plus per-epoch target predic
 stage. A running task's snapshot (its last good state) and a finished task's outputs are kept under
 ``paths.checkpoints`` (not a DVC output) until the stage completes, so a collapse or divergence leaves the
 snapshot in place and a re-run continues where an interrupted one stopped (:mod:`pipeline.resume`).
+Each task's training curves (loss, learning rate, agreement with the teacher, top-class fraction per epoch)
+go to ``paths.curves`` for ``dvc plots`` (:mod:`pipeline.methods.curves`).
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch
 
 from pipeline.artifacts import Artifacts
 from pipeline.command import entry
-from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
+from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
 from pipeline.methods import METHODS
 from pipeline.methods.base import TaskJob
+from pipeline.methods.curves import write_curves
 from pipeline.models.factory import load_model
 from pipeline.orchestration.stage import checked_model_spec, record_run, run_stage_items, start, task_label
 from pipeline.resume import clear_stage, item_resume, task_inputs
@@ -58,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
             return result.log[-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))
+        # From each finished task's log (restored with it after a resume), so the curves never miss an epoch.
+        with atomic_dir(params["paths"]["curves"]) as curves:
+            for name in params["tasks"]:
+                log = read_json(artifacts.writing(STAGE, tmp).student(name).train_log)
+                write_curves(log["epochs"], artifacts.writing("curves", curves).curves(name))
     clear_stage(params, STAGE, params["tasks"])
     record_run(params, STAGE)
 

@@ -78,8 +78,14 @@ def test_every_benchmark_runs_end_to_end(run):
         for model in ("zeroshot_teacher", "source_teacher", "student"):
             for key in ("acc", "mean_class_acc"):  # both always recorded
                 assert 0.0 <= task[model]["target"][key] <= 100.0, (name, model, key)
-    assert results["headline_metric"]["visda_train_to_validation"] == "mean_class_acc"
-    assert results["headline_metric"]["oh_art_to_real_world"] == "acc"
+    summary = json.loads((Path(params["paths"]["report"]) / "summary.json").read_text())  # the words
+    assert summary["headline_metric"]["visda_train_to_validation"] == "mean_class_acc"
+    assert summary["headline_metric"]["oh_art_to_real_world"] == "acc"
+    headline = json.loads((Path(params["paths"]["report"]) / "headline.json").read_text())
+    assert set(headline) == {"mean", *params["tasks"]}
+    for name in params["tasks"]:  # the distill stage's curves, one row per epoch (1 here)
+        curves = Path(params["paths"]["curves"]) / name / "plots" / "metrics"
+        assert (curves / "agreement_with_teacher.tsv").read_text().splitlines()[1].startswith("1\t")
     md = (Path(params["paths"]["report"]) / "results.md").read_text()
     assert "| visda_train_to_validation | train → validation |" in md and "mean-class |" in md
     for name in params["tasks"]:  # every benchmark's class list travels into its bundle, in label order

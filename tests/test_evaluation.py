@@ -5,11 +5,16 @@ import copy
 import csv
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.evaluation.metrics import SELECTION_NOTE, classification_metrics, epoch_summary
-from pipeline.evaluation.report import build_report
+from pipeline.evaluation.report import build_report, class_labels
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -80,8 +85,9 @@ def test_epoch_summary_validation():
 
 # --- build_report -----------------------------------------------------------------------------------------
 
-def _task(name, source, target, seed, student_epochs, teacher_epochs, n=40, k=3):
+def _task(name, source, target, seed, student_epochs, teacher_epochs, n=40, classes=("zero", "one", "two")):
     """A metrics.json as the evaluate stage writes it, from random predictions that improve per epoch."""
+    k = len(classes)
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, k, n)
 
@@ -94,7 +100,7 @@ def _task(name, source, target, seed, student_epochs, teacher_epochs, n=40, k=3)
 
     return {
         "task": name, "dataset": "digits", "source": source, "target": target,
-        "classes": ["zero", "one", "two"], "protocol": "transductive: adapt and evaluate on the target split",
+        "classes": list(classes), "protocol": "transductive: adapt and evaluate on the target split",
         "models": {
             "zeroshot_teacher": {"target": classification_metrics(labels, epochs(1, 0.3)[0], k),
                                  "source": classification_metrics(labels, epochs(1, 0.4)[0], k)},
@@ -173,7 +179,83 @@ def test_plot_csvs(report):
         assert len(conf) - 1 == m["models"]["student"]["target"]["last"]["n"]
         correct = sum(a == p for a, p in conf[1:])
         assert 100 * correct / (len(conf) - 1) == pytest.approx(m["models"]["student"]["target"]["last"]["acc"])
-        assert {a for a, _ in conf[1:]} <= set(m["classes"])
+        assert {a for a, _ in conf[1:]} <= {"0 zero", "1 one", "2 two"}
+
+
+def test_confusion_csv_sorts_in_class_order_with_true_classes_where_the_png_has_them(tmp_path):
+    """11 classes named against the alphabet: DVC's template sorts labels as text, so the zero-padded index
+    must give class order ("02" before "10"); y is the true class (the PNG's rows), x the predicted one."""
+    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+    m = _task("a_to_b", "a", "b", 0, 2, 2, n=200, classes=names)
+    build_report({"a_to_b": m}, tmp_path)
+    labels = class_labels(list(names))
+    assert labels[2] == "02 two" and labels[10] == "10 ten" and sorted(labels) == labels
+    rows = _rows(tmp_path / "plots" / "confusion" / "a_to_b.csv")[1:]
+    confusion = m["models"]["student"]["target"]["last"]["confusion"]  # [true][predicted], as the PNG draws it
+    counted = np.zeros((11, 11), dtype=int)
+    for actual, predicted in rows:
+        counted[labels.index(actual), labels.index(predicted)] += 1
+    assert counted.tolist() == confusion
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    definition = next(p for entry in plots if isinstance(entry, dict) for path, p in entry.items()
+                      if path.endswith("/plots/confusion"))
+    assert (definition["x"], definition["y"]) == ("predicted", "actual")  # PNG: x predicted, y true
+    assert definition["y_label"] == "true class" and definition["x_label"] == "predicted class"
+
+
+def _leaves(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{path}.{k}" if path else k)
+    else:
+        yield path, obj
+
+
+def _declared_metrics(out):
+    """The report stage's metrics files as dvc.yaml declares them, in order, found in ``out``."""
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
+    names = [next(iter(e)) if isinstance(e, dict) else e for e in stage["metrics"]]
+    assert all(n.startswith("${paths.report}/") for n in names)
+    return [out / n.removeprefix("${paths.report}/") for n in names]
+
+
+def test_headline_is_the_first_metrics_file_with_student_and_teacher_per_task_and_mean(report):
+    tasks, out, results = report
+    files = _declared_metrics(out)
+    assert [f.name for f in files] == ["headline.json", "results.json"]  # `dvc exp show` lists headline first
+    headline = json.loads(files[0].read_text())
+    assert list(headline) == ["mean", "mnist_to_usps", "usps_to_mnist"]  # columns: mean.student.acc, ...
+    for name, m in tasks.items():
+        row = headline[name]
+        for model in ("student", "source_teacher"):
+            last = m["models"][model]["target"]["last"]  # the reported (last) epoch, never the oracle's best
+            assert row[model] == {"acc": round(last["acc"], 2), "mean_class_acc": round(last["mean_class_acc"], 2)}
+    for model in ("student", "source_teacher"):
+        for key in ("acc", "mean_class_acc"):
+            assert headline["mean"][model][key] == results["mean"][model]["target"][key]
+
+
+def test_metrics_files_hold_numbers_only_and_the_words_go_to_the_summary(tmp_path):
+    tasks = {}
+    for i, name in enumerate(("a_to_b", "b_to_a")):  # CMKD-style: method, extras with notes, parameter counts
+        m = _task(name, "a", "b", i, 2, 2)
+        m.update(method="cmkd", headline="mean_class_acc" if i else "acc")
+        m["extras"] = {"clip_zeroshot": {"target": m["models"]["student"]["target"], "note": "the CLIP rows"}}
+        m["parameters"] = {"trainable": 100, "changed": 10}
+        tasks[name] = m
+    build_report(tasks, tmp_path)
+    for path in _declared_metrics(tmp_path):
+        words = [(k, v) for k, v in _leaves(json.loads(path.read_text()))
+                 if isinstance(v, bool) or not isinstance(v, (int, float))]
+        assert not words, f"{path.name} holds non-numbers: {words}"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "cmkd"
+    assert summary["headline_metric"] == {"a_to_b": "acc", "b_to_a": "mean_class_acc"}
+    assert summary["tasks"]["a_to_b"] == {"dataset": "digits", "source": "a", "target": "b"}
+    assert summary["protocol"] == ["transductive: adapt and evaluate on the target split"]
+    assert summary["extra_rules"] == {"clip_zeroshot": "the CLIP rows"}
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
+    assert {"${paths.report}/summary.json": {"cache": False}} in stage["outs"]  # a DVC output, not metrics
 
 
 def test_pngs_and_no_temp_files(report):
@@ -181,6 +263,11 @@ def test_pngs_and_no_temp_files(report):
     for name in ["accuracy_per_epoch.png", *(f"confusion_{t}.png" for t in tasks)]:
         assert (out / "figures" / name).read_bytes()[:8] == PNG_SIGNATURE
     assert not [p for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_a_task_named_mean_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="task name 'mean' is taken"):
+        build_report({"mean": _task("mean", "a", "b", 0, 2, 2)}, tmp_path)
 
 
 @pytest.mark.parametrize("path, missing", [
@@ -215,3 +302,12 @@ def test_extra_inference_rules_and_parameter_sums(tmp_path):
     assert results["parameters_total"] == {"changed": 21, "dsp_code": 105, "dsp_paper": 81, "trainable": 200}
     md = (tmp_path / "results.md").read_text()
     assert "| **sum** | 21 | 105 | 81 | 200 |" in md and "`clip_zeroshot`: the paper's CLIP rows" in md
+
+
+def test_per_task_plots_are_titled_by_their_files_which_name_the_task():
+    """dvc.yaml cannot list the tasks of params: per-task plots are folders of one file per task, and DVC titles
+    each file's plot with its path (``.../accuracy/<task>.csv``) unless the definition sets a title."""
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    folders = {path: p for entry in plots if isinstance(entry, dict) for path, p in entry.items() if p}
+    assert set(folders) == {"${paths.report}/plots/accuracy", "${paths.report}/plots/confusion", "${paths.curves}"}
+    assert not [path for path, p in folders.items() if "title" in p]

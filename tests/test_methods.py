@@ -1,4 +1,8 @@
 """Source prompt pretraining (CoOp, VPT, SCL, GPA) and PromptKD distillation on tiny real digits shards."""
+import csv
+import logging
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +11,8 @@ from conftest import copy_without_labels
 from pipeline.data.classlists import load_classlist, prompt_name
 from pipeline.data.shards import read_labels
 from pipeline.features.cache import encode_images, logits
-from pipeline.methods.training import TrainingDiverged, check_finite
+from pipeline.methods.curves import curve_values, write_curves
+from pipeline.methods.training import Prediction, Step, TrainingDiverged, agreement, check_finite, fit
 from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
 from pipeline.methods.promptkd import distill_promptkd
 from pipeline.methods.shared import KeyedRows
@@ -59,6 +64,9 @@ def test_promptkd_distills_from_cached_logits_without_labels(teacher, student, d
     assert out.log[-1]["loss"] < out.log[0]["loss"] and out.log_extra["loss"] == "kl"  # train_log names the loss
     teacher_pred = cached(keys).argmax(1).numpy()
     assert (out.predictions[-1] == teacher_pred).mean() > (out.predictions[0] == teacher_pred).mean() - 0.05
+    # the logged agreement is with the cached teacher's arg-max, over every target image
+    assert [e["agreement_with_teacher"] for e in out.log] == \
+        [round(100 * float((p == teacher_pred).mean()), 2) for p in out.predictions]
     # trainable: prompts 2x2x32 + projector 32->64 (linear, BN, linear)
     assert out.trainable_params == 2 * 2 * 32 + (32 * 64 + 64) + 2 * 64 + (64 * 64 + 64)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 3
@@ -113,3 +121,68 @@ def test_promptkd_student_trains_on_seeded_train_views(student, digits_shards):
     a, b, plain = (distill_promptkd(**args, augment=x) for x in ("dassl", "dassl", "none"))
     prompts = lambda r: r.state["student"]["encoder.prompts"]  # noqa: E731
     assert torch.equal(prompts(a), prompts(b)) and not torch.equal(prompts(a), prompts(plain))
+
+
+# --- the per-epoch record: agreement with the teacher, the log line, the DVCLive curves ----------------------
+
+def _toy_fit(checkpoint_path=None, epochs=2):
+    """fit() on one parameter; every epoch predicts [0, 1, 1, 0] where the teacher says [0, 1, 0, 0]."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    def step(_batch, _it):
+        value = (weight ** 2).sum()
+        return value, {"loss": value.item()}
+
+    def predict():
+        return Prediction(["a", "b", "c", "d"], np.array([0, 1, 1, 0]), reference=np.array([0, 1, 0, 0]))
+
+    return fit(where="toy", epochs=epochs, batches=lambda _e: range(3), steps=[Step("toy", step, optimizer, scheduler)],
+               predict=predict, state=lambda: {"w": weight.detach().clone()}, n_classes=2,
+               checkpoint_path=checkpoint_path)
+
+
+def test_agreement_with_the_teacher_by_hand():
+    assert agreement(np.array([0, 1, 1, 0]), np.array([0, 1, 0, 0])) == 75.0
+    assert agreement(np.array([2, 2, 2]), np.array([1, 2, 0])) == 33.33
+    with pytest.raises(ValueError, match=r"toy: predictions of shape \(3,\) but a teacher reference of shape \(2,\)"):
+        agreement(np.zeros(3), np.zeros(2), where="toy")
+
+
+def test_the_epoch_log_line_has_loss_lr_agreement_and_top_class_fraction(caplog):
+    with caplog.at_level(logging.INFO, logger="pipeline.methods.training"):
+        out = _toy_fit()
+    assert [e["agreement_with_teacher"] for e in out["log"]] == [75.0, 75.0]
+    assert [e["top_class_fraction"] for e in out["log"]] == [0.5, 0.5]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.methods.training"]
+    assert len(lines) == 2 and lines[1].startswith("toy: epoch 2/2 done in ")
+    for value in (f"loss {out['log'][1]['loss']:.4g}", "lr 0.05", "agreement_with_teacher 75",
+                  "top_class_fraction 0.5"):
+        assert value in lines[1], (value, lines[1])
+
+
+def test_curves_are_dvclive_tsvs_with_one_row_per_epoch(tmp_path, monkeypatch):
+    """From a recorded log, in a git repository without commits (DVCLive's repository hooks would fail there)."""
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    log = _toy_fit(epochs=3)["log"]
+    names = write_curves(log, tmp_path / "curves" / "a_to_b")
+    assert names == ["loss", "lr", "top_class_fraction", "agreement_with_teacher"]
+    folder = tmp_path / "curves" / "a_to_b"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == \
+        sorted(f"plots/metrics/{n}.tsv" for n in names)  # no dvc.yaml, report or summary metrics.json
+    with open(folder / "plots" / "metrics" / "lr.tsv", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    assert rows[0] == ["step", "lr"]
+    assert [(int(s), float(v)) for s, v in rows[1:]] == [(1, 0.1), (2, 0.05), (3, 0.025)]  # step = epoch
+    assert not (tmp_path / ".dvc").exists()
+
+
+def test_curves_skip_bookkeeping_and_keep_every_loss_and_learning_rate():
+    entry = {"epoch": 1, "teacher_loss": 2.0, "source_acc": 90.0, "student_loss": 1.0, "agreement": 80.0,
+             "lr_teacher": 0.01, "lr_student": 0.1, "iterations": 4, "seconds": 1.5, "top_class_fraction": 0.2,
+             "agreement_with_teacher": 70.0}
+    assert list(curve_values(entry)) == ["teacher_loss", "student_loss", "lr_teacher", "lr_student",
+                                         "top_class_fraction", "agreement_with_teacher"]
+    assert list(curve_values({"epoch": 1, "total": 3.0, "lr": 0.1, "gini": 0.4})) == ["total", "lr"]  # CMKD

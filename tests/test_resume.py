@@ -104,7 +104,8 @@ def _assert_same_result(full, resumed):
 def _check_method(run, tmp_path, monkeypatch, caplog):
     full = run(None)
     resumed = _interrupt_then_resume(run, tmp_path / "resume.pt", monkeypatch, caplog)
-    _assert_same_result(full, resumed)
+    _assert_same_result(full, resumed)  # the logs too: agreement_with_teacher survives a resume
+    assert all(0 <= e["agreement_with_teacher"] <= 100 for e in full.log)  # every method names its teacher
     return full
 
 
@@ -160,7 +161,10 @@ def test_dapl_resumes_exactly(teacher, digits_shards, cached, augment, tmp_path,
             dapl=dapl, epochs=EPOCHS, batch_size=24, lr=0.5, momentum=0.9, weight_decay=0.0, seed=0, device="cpu",
             checkpoint_path=path, augmented=augmented)
 
-    _check_method(run, tmp_path, monkeypatch, caplog)
+    full = _check_method(run, tmp_path, monkeypatch, caplog)
+    naive = naive_probabilities(t_feats, cached["zs"], scale=teacher.logit_scale, temperature=1.0).argmax(1)
+    assert [e["agreement_with_teacher"] for e in full.log] == \
+        [round(100 * float((p == naive).mean()), 2) for p in full.predictions]  # the naive prompt's pseudo-labels
 
 
 def _cmkd_job(student, digits_shards, tmp_path, block, path):
@@ -194,6 +198,9 @@ def test_cmkd_resumes_exactly_mid_pass(student, digits_shards, tmp_path, rst, mo
 
     full = _check_method(run, tmp_path, monkeypatch, caplog)
     assert set(full.extra_predictions) == {"clip_adapted", "head_plus_clip", "clip_zeroshot"}
+    clip = full.extra_predictions["clip_adapted"]  # the CLIP head g: the teacher of the task head h
+    assert [e["agreement_with_teacher"] for e in full.log] == \
+        [round(100 * float((h == g).mean()), 2) for h, g in zip(full.predictions, clip)]
 
 
 def test_source_prompts_with_gpa_resume_exactly(teacher, digits_shards, tmp_path, monkeypatch, caplog):

@@ -1,2 +1,3 @@
 """Evaluation: classification metrics per model and epoch (``metrics``) and the cross-task report
-(``report``: results.json for ``dvc metrics``, a Markdown table, CSVs for ``dvc plots`` and PNG figures)."""
+(``report``: headline.json and results.json for ``dvc metrics``, summary.json, a Markdown table, CSVs for
+``dvc plots`` and PNG figures)."""

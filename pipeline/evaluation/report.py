@@ -1,4 +1,11 @@
-"""Cross-task report: results.json (``dvc metrics``), results.md, CSVs for ``dvc plots`` and PNG figures.
+"""Cross-task report: metrics for ``dvc metrics`` / ``dvc exp show``, results.md, CSVs for ``dvc plots``, PNGs.
+
+Files (in ``paths.report``): ``headline.json`` (metrics, shown first: for the mean and each task, the student's
+last-epoch target accuracy and mean-class accuracy and the source-prompted teacher's), ``results.json``
+(metrics: the full table), ``summary.json`` (the words: method, headline metric per task, domains, protocol,
+notes; not metrics, whose every value `dvc exp show` makes a column), ``results.md``, ``plots/accuracy/<task>.csv``
+(student and teacher target accuracy per epoch), ``plots/confusion/<task>.csv`` (one row per target sample,
+classes labelled ``"03 three"``, see :func:`class_labels`) and ``figures/*.png``.
 
 Input is one ``results/evaluate/<task>/metrics.json`` per task::
 
@@ -37,7 +44,10 @@ MODELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "student": (("target",), True),
 }
 _METRIC_KEYS = ("acc", "mean_class_acc")
+HEADLINE_MODELS = ("student", "source_teacher")  # headline.json: the reported model and its teacher
 _EPOCH_KEYS = ("per_epoch", "last", "best", "best_epoch")
+# The report's files (dvc.yaml declares headline.json and results.json as metrics: numbers only)
+HEADLINE, RESULTS, SUMMARY = "headline.json", "results.json", "summary.json"
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # task names become file names
 
 NOTE = (
@@ -70,6 +80,8 @@ def _check(task: str, m: dict[str, Any]) -> None:
     """Fail before anything is written if ``m`` lacks a key the report reads."""
     if not _TASK_NAME.match(task):
         raise ValueError(f"task name {task!r} is not usable as a file name")
+    if task == "mean":
+        raise ValueError("task name 'mean' is taken: headline.json holds the mean over tasks under that key")
     for key in ("source", "target", "classes"):
         _get(task, m, key)
     for model, (splits, epochs) in MODELS.items():
@@ -121,15 +133,37 @@ def _results(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     counted = [t["parameters"] for t in tasks.values() if "parameters" in t]
     # CMKD reports downstream parameters summed over a benchmark's tasks (its DSP); so is every count here
     totals = {k: sum(p[k] for p in counted) for k in sorted(set.intersection(*map(set, counted)))} if counted else {}
+    return {"tasks": tasks, "mean": mean, **({"parameters_total": totals} if totals else {})}
+
+
+def _headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers ``dvc exp show`` leads with, ``{"mean" | <task>: {student | source_teacher: {acc,
+    mean_class_acc}}}``: the reported student (last epoch) beside the source-prompted teacher it learned from,
+    on the target; the mean first, tasks at the top level so the columns stay short (``mean.student.acc``)."""
+    def pick(row: dict[str, Any]) -> dict[str, Any]:
+        return {model: {k: row[model]["target"][k] for k in _METRIC_KEYS} for model in HEADLINE_MODELS}
+
+    return {"mean": pick(results["mean"]), **{task: pick(row) for task, row in results["tasks"].items()}}
+
+
+def _summary(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the report says in words (metrics files hold numbers only: `dvc exp show` makes every value a column)."""
     methods = sorted({str(m["method"]) for m in task_metrics.values() if "method" in m})
+    protocols = sorted({str(m["protocol"]) for m in task_metrics.values() if "protocol" in m})
+    notes = {rule: e["note"] for m in task_metrics.values() for rule, e in m.get("extras", {}).items()}
+    summary: dict[str, Any] = {"method": ", ".join(methods)} if methods else {}
     # Both metrics are always recorded; the headline says which one a benchmark reports (VisDA: mean-class).
-    headline = {task: m.get("headline", "acc") for task, m in task_metrics.items()}
-    return {"tasks": tasks, "mean": mean, "headline_metric": headline,
-            **({"parameters_total": totals} if totals else {}),
-            **({"method": ", ".join(methods)} if methods else {})}
+    summary["headline_metric"] = {task: m.get("headline", "acc") for task, m in task_metrics.items()}
+    summary["tasks"] = {task: {k: m[k] for k in ("dataset", "source", "target") if k in m}
+                        for task, m in task_metrics.items()}
+    if protocols:
+        summary["protocol"] = protocols
+    if notes:
+        summary["extra_rules"] = notes  # what each other inference rule of results.json's extras is
+    return summary
 
 
-def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any]) -> str:
+def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any], summary: dict[str, Any]) -> str:
     def cell(entry: dict[str, Any], prefix: str = "") -> str:
         return f"{entry[prefix + 'acc']:.2f} / {entry[prefix + 'mean_class_acc']:.2f}"
 
@@ -145,7 +179,7 @@ def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any]) 
              "|---|---|---:|---:|---:|---:|---|"]
     for task, m in task_metrics.items():
         lines.append(row(task, f"{m['source']} → {m['target']}", results["tasks"][task],
-                         names[results["headline_metric"][task]]))
+                         names[summary["headline_metric"][task]]))
     lines.append(row(f"**mean ({len(task_metrics)} tasks)**", "", results["mean"], ""))
     lines += ["", NOTE]
     best_epochs = ", ".join(f"{t}: {results['tasks'][t]['student']['target']['best_epoch']}" for t in task_metrics)
@@ -207,11 +241,18 @@ def _accuracy_csv(m: dict[str, Any]) -> str:
     return _csv(["epoch", "student", "teacher"], [[e + 1, _r(acc), teacher] for e, acc in enumerate(student)])
 
 
+def class_labels(classes: list[str]) -> list[str]:
+    """``"03 three"``: DVC's confusion template sorts labels as text, so a zero-padded class index in front
+    keeps the class order of the PNG and of the model's outputs."""
+    width = len(str(len(classes) - 1))
+    return [f"{i:0{width}d} {name}" for i, name in enumerate(classes)]
+
+
 def _confusion_csv(m: dict[str, Any]) -> str:
     # DVC's confusion template counts rows, so each target sample becomes one (actual, predicted) row.
-    classes = m["classes"]
+    labels = class_labels(m["classes"])
     confusion = m["models"]["student"]["target"]["last"]["confusion"]
-    rows = [[classes[a], classes[p]]
+    rows = [[labels[a], labels[p]]
             for a, counts in enumerate(confusion) for p, count in enumerate(counts) for _ in range(int(count))]
     return _csv(["actual", "predicted"], rows)
 
@@ -282,7 +323,8 @@ def _confusion_png(task: str, m: dict[str, Any]) -> bytes:
 def build_report(task_metrics: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, Any]:
     """Write the report for ``task_metrics`` (task name -> loaded metrics.json) into ``out_dir``.
 
-    Returns the dict written to ``results.json``. Tasks appear in sorted order so reruns give identical files.
+    Returns the dict written to ``results.json`` (numbers only; the words are in ``summary.json``). Tasks
+    appear in sorted order so reruns give identical files.
     """
     if not task_metrics:
         raise ValueError("build_report needs at least one task")
@@ -301,7 +343,10 @@ def build_report(task_metrics: dict[str, dict[str, Any]], out_dir: Path) -> dict
         atomic_write_bytes(figures / "accuracy_per_epoch.png", _accuracy_png(task_metrics))
         for task, m in task_metrics.items():
             atomic_write_bytes(figures / f"confusion_{task}.png", _confusion_png(task, m))
-    atomic_write_text(out_dir / "results.md", _markdown(task_metrics, results))
+    summary = _summary(task_metrics)
+    atomic_write_text(out_dir / "results.md", _markdown(task_metrics, results, summary))
+    atomic_write_json(out_dir / SUMMARY, summary)
+    atomic_write_json(out_dir / HEADLINE, _headline(results))
     # Written last: a results.json on disk means the rest of the report is complete.
-    atomic_write_json(out_dir / "results.json", results)
+    atomic_write_json(out_dir / RESULTS, results)
     return results

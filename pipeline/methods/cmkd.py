@@ -331,8 +331,9 @@ def run(job: TaskJob) -> MethodResult:
 
     def predict() -> Prediction:
         keys, preds = _predict(model, job.shard_dir("target"), **predict_args)
+        # h is distilled from the CLIP head g on the same (adapted) features: g is its teacher
         return Prediction(keys, preds["head"], {"clip_adapted": preds["clip"],
-                                                "head_plus_clip": preds["head_plus_clip"]})
+                                                "head_plus_clip": preds["head_plus_clip"]}, reference=preds["clip"])
 
     def state() -> dict:
         return {"head": _cpu(model.head.state_dict()), "visual": _cpu(model.visual.state_dict())}

@@ -115,6 +115,7 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
     target = {"order": torch.randperm(len(ft), generator=generator), "pos": 0}
+    naive_labels = naive_probs.argmax(1)
 
     def cached_batches(_epoch: int):
         source_order = torch.randperm(len(fs), generator=generator)
@@ -139,7 +140,8 @@ def train_dapl(*, model: LoadedModel, classnames: list[str], domains: tuple[str,
         prompts.eval()
         with torch.no_grad(), autocast(precision, device):
             text = prompts().float()
-        return Prediction(target_keys, (ft @ text[1].t()).argmax(1).cpu().numpy())
+        # the teacher of DAPL's target loss: the frozen naive prompt's pseudo-labels (before the threshold)
+        return Prediction(target_keys, (ft @ text[1].t()).argmax(1).cpu().numpy(), reference=naive_labels)
 
     state = lambda: {"prompts": prompts.trainable_state()}  # noqa: E731
     batches, resumable = cached_batches, {"generator": generator, "target": target}

@@ -87,9 +87,11 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
         student.encoder.visual.eval()  # frozen backbone: keep its dropout/norm layers in eval mode
 
     def predict() -> Prediction:
-        return Prediction(*predict_student(student, W, logit_scale, loss, shard_dir, transform=transform,
-                                           batch_size=eval_batch_size, device=device, precision=precision,
-                                           num_workers=num_workers))
+        keys, preds = predict_student(student, W, logit_scale, loss, shard_dir, transform=transform,
+                                      batch_size=eval_batch_size, device=device, precision=precision,
+                                      num_workers=num_workers)
+        # the teacher the student learns from: the arg-max of its (cached, maybe kNN-refined) KD targets
+        return Prediction(keys, preds, reference=teacher_logits(keys).argmax(1).numpy())
 
     state = lambda: {"student": student.trainable_state(), "loss": loss_state(loss)}  # noqa: E731
     out = fit(where="promptkd distill", epochs=epochs, batches=batches, train_mode=train_mode,

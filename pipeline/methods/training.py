@@ -79,8 +79,9 @@ class EpochRecorder:
 
     After each epoch :func:`fit` hands over the log entry, the target predictions (shard order; None for a
     run with no target to predict), other rules' predictions, the trainable state and what it needs to
-    resume. If one class takes more than ``collapse_fraction`` of the predictions the run stops with
-    :class:`TrainingCollapsed`, leaving the snapshot of the previous (good) epoch in place; otherwise the
+    resume. With a ``reference`` (the teacher's predictions of the same images) the entry gets
+    ``agreement_with_teacher``. If one class takes more than ``collapse_fraction`` of the predictions the run
+    stops with :class:`TrainingCollapsed`, leaving the snapshot of the previous (good) epoch in place; otherwise the
     epoch is kept and, with a ``checkpoint_path``, written there atomically: ``epoch``, ``state`` (the last
     good trainable state), ``log``, ``keys``, ``predictions``, ``extra`` and ``resume``.
     """
@@ -94,9 +95,12 @@ class EpochRecorder:
         self.log: list[dict] = []
 
     def add(self, epoch: int, keys: list[str] | None, predictions: np.ndarray | None, log_entry: dict, state: dict,
-            *, extra: dict[str, np.ndarray] | None = None, resume: dict | None = None) -> None:
+            *, extra: dict[str, np.ndarray] | None = None, resume: dict | None = None,
+            reference: np.ndarray | None = None) -> None:
         if predictions is not None:
             log_entry = self._guard(epoch, keys, np.asarray(predictions), log_entry)
+            if reference is not None:
+                log_entry["agreement_with_teacher"] = agreement(predictions, reference, where=self.where)
             self.keys = keys
             self.predictions.append(np.asarray(predictions))
         for name, preds in (extra or {}).items():
@@ -165,11 +169,25 @@ class Step:
 
 @dataclasses.dataclass
 class Prediction:
-    """Target predictions of one epoch in ``keys`` order; ``extra`` holds other inference rules' predictions."""
+    """Target predictions of one epoch in ``keys`` order; ``extra`` holds other inference rules' predictions.
+
+    ``reference``: what the method's teacher predicts for the same images (same order), computed without
+    target labels; :func:`fit` logs the share the student agrees with as ``agreement_with_teacher``.
+    """
 
     keys: list[str] | None
     predictions: np.ndarray | None
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    reference: np.ndarray | None = None
+
+
+def agreement(predictions: np.ndarray, reference: np.ndarray, *, where: str = "training") -> float:
+    """Percentage of ``predictions`` equal to ``reference`` (rounded to 0.01)."""
+    predictions, reference = np.asarray(predictions), np.asarray(reference)
+    if predictions.shape != reference.shape:
+        raise ValueError(f"{where}: predictions of shape {predictions.shape} but a teacher reference of shape "
+                         f"{reference.shape}")
+    return round(100.0 * float(np.mean(predictions == reference)), 2) if len(predictions) else 0.0
 
 
 def update(optimizer: torch.optim.Optimizer, value: torch.Tensor, *, where: str, checkpoint: str | None = None,
@@ -250,10 +268,15 @@ def fit(*, where: str, epochs: int, batches: Callable[[int], Iterable], steps: l
         resume = {"t": t, "carried": {k: _state_of(v) for k, v in carried.items()},
                   "rng": _global_rng_states()} if checkpoint_path is not None else None
         recorder.add(epoch, out.keys, out.predictions, entry, state=state() if state is not None else {},
-                     extra=out.extra, resume=resume)
-        log.info("%s: epoch %d/%d done in %.1f s: %s", where, epoch, epochs, entry["seconds"],
-                 ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("epoch", "seconds", "iterations")))
+                     extra=out.extra, resume=resume, reference=out.reference)
+        log.info("%s", epoch_line(where, epochs, recorder.log[-1]))  # the kept entry: with the recorder's values
     return recorder.result()
+
+
+def epoch_line(where: str, epochs: int, entry: dict) -> str:
+    """The per-epoch log line: every logged value (loss, lr, agreement_with_teacher, top_class_fraction, ...)."""
+    values = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("epoch", "seconds", "iterations"))
+    return f"{where}: epoch {entry['epoch']}/{epochs} done in {entry['seconds']:.1f} s: {values}"
 
 
 def _read_snapshot(path, where: str) -> dict | None:
