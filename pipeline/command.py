@@ -37,10 +37,16 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _is_defect(exc: BaseException) -> bool:
+def is_defect(exc: BaseException) -> bool:
+    """True for a failure that means a defect in the code (shown with its traceback), not in the input."""
     if _is_stage_error(exc):
-        return any(_is_defect(cause) for cause in exc.failures.values())
+        return any(is_defect(cause) for cause in exc.failures.values())
     return isinstance(exc, _DEFECTS)
+
+
+def debugging() -> bool:
+    """True under ``--debug`` (which :func:`entry` turns into ``UDA_DISTILL_DEBUG=1``) or ``UDA_DISTILL_DEBUG=1``."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 KEPT_ON_INTERRUPT = ("its outputs were not written (the previous ones are where they were, unless dvc repro had "
@@ -59,7 +65,10 @@ def entry(stage: str, main: Callable[[list[str] | None], Any], argv: list[str] |
     what was kept (``kept``).
     """
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    saved_debug = os.environ.get(DEBUG_ENV)
+    if "--debug" in argv:  # through the environment (restored at the end), so code deep down knows too
+        os.environ[DEBUG_ENV] = "1"
+    debug = debugging()
     received: list[int] = []
 
     def interrupt(signum, _frame):
@@ -77,7 +86,7 @@ def entry(stage: str, main: Callable[[list[str] | None], Any], argv: list[str] |
         print(f"{stage}: interrupted ({name}); {kept}", file=sys.stderr)
         return 128 + (received[0] if received else signal.SIGINT)
     except Exception as exc:  # noqa: BLE001  (every failure ends as one message and a status)
-        defect = _is_defect(exc)
+        defect = is_defect(exc)
         if debug or defect:
             traceback.print_exc()
         hint = " (a defect: please report it with the traceback above)" if defect else (
@@ -87,3 +96,7 @@ def entry(stage: str, main: Callable[[list[str] | None], Any], argv: list[str] |
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if saved_debug is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = saved_debug
