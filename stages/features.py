@@ -24,8 +24,8 @@ from pipeline.features.cache import (build_index, encode_images, encode_shards, 
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, load_checkpoint
 from pipeline.methods.shared import build_teacher
 from pipeline.models.factory import assert_same_identity, load_model
-from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
-                                          start, task_label)
+from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_flow, run_stage_items,
+                                          shard_dir, start, task_label)
 
 STAGE = "features"
 
@@ -92,8 +92,12 @@ def main(argv: list[str] | None = None) -> None:
             return {"classes": len(classnames)}
 
         label = task_label(params)
-        run_stage_items(STAGE, params, task_domains(params), domain_work, label=f"domains-{label}")
-        run_stage_items(STAGE, params, params["tasks"], task_work, label=f"tasks-{label}")
+
+        def both_phases():  # one flow for the stage; the task items need every domain item done
+            run_stage_items(STAGE, params, task_domains(params), domain_work, label=label)
+            run_stage_items(STAGE, params, params["tasks"], task_work, label=label)
+
+        run_stage_flow(STAGE, params, both_phases, label=label)
     record_run(params, STAGE)
 
 

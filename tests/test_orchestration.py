@@ -81,7 +81,7 @@ def test_transient_error_is_retried_and_names_are_set():
         counting_work(attempts, fail),
         devices=["cpu"],
         retry_delay_s=0,
-        run_label="digits-usps_to_mnist+printed_to_mnist",
+        run_name="distill-digits-usps_to_mnist+printed_to_mnist",
     )
 
     assert attempts == {"flaky": 2, "steady": 1}

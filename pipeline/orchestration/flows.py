@@ -14,14 +14,16 @@ from typing import Any, Callable
 import pipeline  # noqa: F401  (environment defaults and the torchvision guard before torch)
 import torch
 from prefect import flow, get_run_logger, task
+from prefect import tags as prefect_tags
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 from prefect.futures import wait
-from prefect.runtime import flow_run, task_run
-from prefect.settings import PREFECT_UI_URL
+from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.types.names import BANNED_CHARACTERS
 
 from pipeline.orchestration.devices import DeviceSlots, visible_devices
+from pipeline.orchestration.run_logs import configure_run_logs
 from pipeline.orchestration.server import prefect_api
 from pipeline.progress import Cancelled, request_stop
 
@@ -66,7 +68,7 @@ def _retry_if_transient(task_, task_run, state) -> bool:
     # The raised exception arrives wrapped as Failed(data=exc).
     exc = state.data
     retry = isinstance(exc, BaseException) and is_transient(exc)
-    if not retry:
+    if not retry and not isinstance(exc, NotStarted):
         get_run_logger().info("%s: not retrying deterministic failure %r", task_run.name, exc)
     return retry
 
@@ -80,11 +82,6 @@ def _run_name(*parts: str) -> Callable[[], str]:
     return lambda: name
 
 
-def _ui_url() -> str | None:
-    # runtime.flow_run.ui_url formats PREFECT_UI_URL blindly: "None/flow-runs/..." without a UI.
-    return flow_run.ui_url if PREFECT_UI_URL.value() else None
-
-
 def run_items(
     stage: str,
     items: dict[str, Any],
@@ -93,19 +90,57 @@ def run_items(
     devices: list[str] | None = None,
     retries: int = 2,
     retry_delay_s: float = 5.0,
-    run_label: str = "",
+    run_name: str = "",
+    parameters: dict[str, Any] | None = None,
+    tags: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``work(item_name, item, device)`` for every item in a Prefect flow named `stage`.
+    """Run ``work(item_name, item, device)`` for every item, as tasks of a Prefect flow named `stage`.
 
     Items run concurrently, at most one per device. Transient failures (`is_transient`) are retried
     `retries` times, `retry_delay_s` apart; anything else fails at once, and then the items not yet started
     are not started (fail fast; running ones finish, so their work is kept). If any item fails for good,
     raises `StageError` naming the stage, the items and their errors. Returns {item_name: result}.
+
+    Called inside :func:`run_in_flow` for the same stage, the items are tasks of that flow; otherwise they
+    get a flow of their own, named `run_name` (default: the stage), with `parameters` and `tags`.
     """
     devices = list(devices) if devices is not None else visible_devices("auto")
-    slots = DeviceSlots(devices)
     if not items:
         return {}  # nothing to do: don't pay for a (possibly ephemeral) Prefect server start
+    context = FlowRunContext.get()
+    if context is not None and context.flow is not None and context.flow.name == stage:
+        return _run_tasks(stage, items, work, devices, retries, retry_delay_s)
+    return run_in_flow(stage, lambda: _run_tasks(stage, items, work, devices, retries, retry_delay_s),
+                       run_name=run_name, parameters=parameters, tags=tags, max_workers=len(devices))
+
+
+def run_in_flow(stage: str, body: Callable[[], Any], *, run_name: str = "", parameters: dict[str, Any] | None = None,
+                tags: list[str] | None = None, max_workers: int = 1) -> Any:
+    """Return ``body()`` run inside one Prefect flow named `stage` (the stage's parent flow: every
+    :func:`run_items` call for `stage` in `body` adds its items as tasks of this flow).
+
+    `parameters` (JSON values) show in the run's Parameters tab as its ``params``; `tags` label the run.
+    """
+    @flow(
+        name=stage,
+        flow_run_name=_run_name(run_name or stage),
+        task_runner=ThreadPoolTaskRunner(max_workers=max_workers),
+        persist_result=False,
+        validate_parameters=False,  # shown as given; they were validated with params.yaml
+    )
+    def stage_flow(params: dict[str, Any]) -> Any:  # noqa: ARG001  (recorded by Prefect, read by the UI)
+        return body()  # Prefect itself logs the run's UI address ("View at ...") when there is a UI
+
+    with prefect_api():
+        configure_run_logs()
+        with prefect_tags(*(tags or [])):
+            return stage_flow(params=parameters or {})
+
+
+def _run_tasks(stage: str, items: dict[str, Any], work: Callable[[str, Any, str], Any], devices: list[str],
+               retries: int, retry_delay_s: float) -> dict[str, Any]:
+    """Inside the stage's flow: one task per item, a device per task (see :func:`run_items`)."""
+    slots = DeviceSlots(devices)
     failed_for_good = threading.Event()
 
     def run_item(item_name: str) -> Any:
@@ -134,43 +169,29 @@ def run_items(
         cache_policy=NO_CACHE,
         persist_result=False,
     )
-
-    @flow(
-        name=stage,
-        flow_run_name=_run_name(stage, run_label),
-        task_runner=ThreadPoolTaskRunner(max_workers=len(devices)),
-        persist_result=False,
-    )
-    def stage_flow() -> dict[str, Any]:
-        logger = get_run_logger()
-        logger.info("stage %s: %d item(s) on %s; UI: %s",
-                    stage, len(items), devices, _ui_url() or "none (ephemeral)")
-        futures = {
-            name: item_task.with_options(task_run_name=_run_name(stage, name)).submit(name) for name in items
-        }
+    logger = get_run_logger()
+    logger.info("stage %s: %d item(s) on %s", stage, len(items), devices)
+    futures = {name: item_task.with_options(task_run_name=_run_name(stage, name)).submit(name) for name in items}
+    try:
+        wait(list(futures.values()))
+    except BaseException:
+        # Ctrl-C, or SIGTERM turned by Prefect's own handler into its TerminationSignal: the running items
+        # stop at their next step instead of being awaited to their end by the task runner's shutdown.
+        request_stop()
+        raise
+    results: dict[str, Any] = {}
+    failures: dict[str, BaseException] = {}
+    not_run: list[str] = []
+    for name, future in futures.items():
         try:
-            wait(list(futures.values()))
-        except BaseException:
-            # Ctrl-C, or SIGTERM turned by Prefect's own handler into its TerminationSignal: the running items
-            # stop at their next step instead of being awaited to their end by the task runner's shutdown.
-            request_stop()
-            raise
-        results: dict[str, Any] = {}
-        failures: dict[str, BaseException] = {}
-        not_run: list[str] = []
-        for name, future in futures.items():
-            try:
-                results[name] = future.result()
-            except (NotStarted, Cancelled):
-                not_run.append(name)
-            except Exception as exc:  # collect every failure, so one report names them all
-                failures[name] = exc
-        if failures:
-            raise StageError(stage, failures, not_run) from next(iter(failures.values()))
-        if not_run:  # cancelled (interrupt) with no failure of their own
-            raise Cancelled(f"stage {stage!r}: items {', '.join(not_run)} were stopped")
-        logger.info("stage %s: %d item(s) done", stage, len(results))
-        return results
-
-    with prefect_api():
-        return stage_flow()
+            results[name] = future.result()
+        except (NotStarted, Cancelled):
+            not_run.append(name)
+        except Exception as exc:  # collect every failure, so one report names them all
+            failures[name] = exc
+    if failures:
+        raise StageError(stage, failures, not_run) from next(iter(failures.values()))
+    if not_run:  # cancelled (interrupt) with no failure of their own
+        raise Cancelled(f"stage {stage!r}: items {', '.join(not_run)} were stopped")
+    logger.info("stage %s: %d item(s) done", stage, len(results))
+    return results

@@ -12,6 +12,7 @@ import argparse
 import fcntl
 import logging
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,9 @@ from pipeline.config import load_params, resolve_keys, stage_declaration
 from pipeline.io import write_run_info
 from pipeline.models.factory import LOCAL_DIR, ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
+
+#: Set by ``dvc exp run`` for each stage command: the experiment's name.
+DVC_EXP_ENV = "DVC_EXP_NAME"
 
 _STAGE_LOCKS: dict[Path, int] = {}  # lock file -> open descriptor, held until the process exits
 
@@ -39,9 +43,10 @@ def start(stage: str, argv: list[str] | None, description: str, *, per_task: boo
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of a failure (or set {DEBUG_ENV}=1, e.g. under dvc repro)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage} %(levelname)s %(message)s")
-    # Once Prefect has configured logging (root at WARNING) basicConfig does nothing: the project's own
-    # INFO lines (per-epoch progress, resume decisions) need their level set on the package logger.
+    # The root stays at WARNING: at INFO every library's chatter (httpx logs each of Prefect's API requests)
+    # would flood the stage's log. The project's own INFO lines (per-epoch progress, resume decisions) pass
+    # through the package logger's level. (Once Prefect has configured logging, basicConfig does nothing.)
+    logging.basicConfig(format=f"%(asctime)s {stage} %(levelname)s %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
     params = load_params(args.params)
     if per_task:
@@ -77,8 +82,11 @@ def _lock_stage(stage: str, checkpoints: Path) -> None:
 
 def run_stage_items(stage: str, params: dict[str, Any], items: dict[str, Any],
                     work: Callable[[str, Any, str], Any], *, label: str, on_gpu: bool = True) -> dict[str, Any]:
-    """Run ``work(name, item, device)`` for every item in a Prefect flow named after the stage.
+    """Run ``work(name, item, device)`` for every item as a task of the stage's Prefect flow.
 
+    The flow run is named :func:`flow_run_name`, tagged :func:`flow_run_tags` and shows the params keys the
+    stage declares in ``dvc.yaml`` as its parameters. Called inside :func:`run_stage_flow` (a stage that runs
+    items in steps), the items are tasks of that flow (whose name, tags and parameters stand).
     ``on_gpu=False`` is for CPU-only work (image building, sharding): one item at a time on the CPU.
     """
     # Prefect is imported here, not with this module: stages that run no items (validate, bundle) then start
@@ -87,8 +95,63 @@ def run_stage_items(stage: str, params: dict[str, Any], items: dict[str, Any],
 
     rt = params["runtime"]
     devices = visible_devices(rt["device"]) if on_gpu else ["cpu"]
-    return run_items(stage, items, work, devices=devices, retries=rt["retries"],
-                     retry_delay_s=rt["retry_delay_s"], run_label=label)
+    return run_items(stage, items, work, devices=devices, retries=rt["retries"], retry_delay_s=rt["retry_delay_s"],
+                     **_flow_run_identity(stage, params, label))
+
+
+def run_stage_flow(stage: str, params: dict[str, Any], body: Callable[[], Any], *, label: str) -> Any:
+    """Run ``body()`` as the stage's one Prefect flow, for a stage whose items run in steps (several
+    :func:`run_stage_items` calls in `body`, each step's items tasks of this flow)."""
+    from pipeline.orchestration.flows import run_in_flow
+
+    devices = visible_devices(params["runtime"]["device"])
+    return run_in_flow(stage, body, max_workers=len(devices), **_flow_run_identity(stage, params, label))
+
+
+def _flow_run_identity(stage: str, params: dict[str, Any], label: str) -> dict[str, Any]:
+    return {"run_name": flow_run_name(stage, label), "tags": flow_run_tags(stage, params),
+            "parameters": declared_params(params, stage)}
+
+
+def flow_run_name(stage: str, label: str) -> str:
+    """``<stage>-<experiment>-<label>``: the experiment is the name ``dvc exp run`` gives the run (it sets
+    ``DVC_EXP_NAME`` for the stage commands), left out under ``dvc repro`` or a direct run."""
+    return "-".join(part for part in (stage, os.environ.get(DVC_EXP_ENV, ""), label) if part)
+
+
+def flow_run_tags(stage: str, params: dict[str, Any]) -> list[str]:
+    """``stage:``, ``method:``, ``dataset:``, ``task:``, ``exp:`` (under ``dvc exp run``) and ``git:`` (the
+    revision, ``+dirty`` with uncommitted changes; none outside a git repository) tags of the stage's runs."""
+    datasets = sorted({t["dataset"] for t in params["tasks"].values()})
+    tags = [f"stage:{stage}", f"method:{params['distill']['method']}", *(f"dataset:{d}" for d in datasets),
+            *(f"task:{t}" for t in params["tasks"])]
+    if os.environ.get(DVC_EXP_ENV):
+        tags.append(f"exp:{os.environ[DVC_EXP_ENV]}")
+    revision = git_revision()
+    return tags + [f"git:{revision}"] if revision else tags
+
+
+def git_revision(cwd: str | Path = ".") -> str | None:
+    """The short commit of the repository at `cwd`, with ``+dirty`` when tracked files other than ``dvc.lock``
+    differ from it (DVC rewrites dvc.lock after every stage of a repro: that is no change of the code or
+    params); None outside a git repository or without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode != 0:
+            return None
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                  ":(exclude)dvc.lock"], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if changes.stdout.strip() else "")
+
+
+def declared_params(params: dict[str, Any], stage: str, dvc_yaml: str | Path = "dvc.yaml") -> dict[str, Any]:
+    """The params keys ``dvc.yaml`` declares for the stage (the ones it reads) and ``runtime``, as
+    ``{"a.b": value}``: what a stage's run record and its Prefect flow run show."""
+    declared = stage_declaration(stage, dvc_yaml).get("params", [])
+    return resolve_keys(params, [k for k in declared if isinstance(k, str)] + ["runtime"])
 
 
 def task_label(params: dict[str, Any]) -> str:
@@ -131,6 +194,5 @@ def record_run(params: dict[str, Any], stage: str, *, dvc_yaml: str | Path = "dv
     Kept outside the stage's data outputs on purpose: a record that differs between machines must not
     change the hash of what the next stage depends on.
     """
-    declared = stage_declaration(stage, dvc_yaml).get("params", [])
-    resolved = resolve_keys(params, [k for k in declared if isinstance(k, str)] + ["runtime"])
-    return write_run_info(Artifacts(params["paths"]).run_info(record or stage), stage=stage, params=resolved)
+    return write_run_info(Artifacts(params["paths"]).run_info(record or stage), stage=stage,
+                          params=declared_params(params, stage, dvc_yaml))
