@@ -1,4 +1,5 @@
-"""Stage ``report``: one results table (JSON for ``dvc metrics``, Markdown) and the plots."""
+"""Stage ``report``: one results table (JSON for ``dvc metrics``, Markdown) and the plots; the table is also
+published as Prefect artifacts (:mod:`pipeline.orchestration.artifacts`)."""
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,12 @@ def main(argv: list[str] | None = None) -> None:
 
     with atomic_dir(out) as tmp:
         def work(_name, _item, _device):
+            from pipeline.orchestration.artifacts import publish_report  # imports Prefect: inside the flow
+
             metrics = {task: read_json(artifacts.evaluation(task).metrics) for task in params["tasks"]}
-            return build_report(metrics, tmp)
+            results = build_report(metrics, tmp)
+            publish_report(results, (tmp / "results.md").read_text(encoding="utf-8"), params)
+            return results
 
         run_stage_items(STAGE, params, {"report": None}, work, label=task_label(params), on_gpu=False)
     record_run(params, STAGE)
