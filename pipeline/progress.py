@@ -46,12 +46,12 @@ def check_stop() -> None:
 def progress(iterable: Iterable[T], **tqdm_kwargs) -> Iterator[T]:
     """``tqdm(iterable, **tqdm_kwargs)`` that checks for a stop request before each item.
 
-    When the output is not a terminal (a piped log, DVC's captured output) the bar redraws at most every
-    30 s instead of many times a second, so logs stay readable.
+    When the output is not a terminal (a piped log, DVC's captured output, a Prefect worker) there is no bar:
+    redrawn lines would only clutter the log, where the per-epoch log lines already say how far the work got.
     """
     stream = tqdm_kwargs.get("file") or sys.stderr
     if not getattr(stream, "isatty", lambda: False)():
-        tqdm_kwargs.setdefault("mininterval", 30.0)
+        tqdm_kwargs["disable"] = True
     for item in tqdm(iterable, **tqdm_kwargs):
         check_stop()
         yield item

@@ -126,7 +126,8 @@ def write_one_shard(job: tuple[str, str, str, list[tuple[str, str, str, int, str
 
 def _run_jobs(jobs: list, workers: int, desc: str):
     """Yield ``(index, result)`` of every job, in completion order, with a progress bar in images."""
-    bar = tqdm(total=sum(len(j[3]) for j in jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0)
+    bar = tqdm(total=sum(len(j[3]) for j in jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0,
+               disable=not sys.stderr.isatty())  # no bar in a log (see pipeline.progress)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):
