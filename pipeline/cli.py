@@ -10,6 +10,8 @@
 * ``uda-distill predict BUNDLE INPUT... [--out preds.csv|.json] [--top-k K] [--batch-size B] [--device D]
   [--base SPEC] [--cache-dir DIR]``: run a task's bundle (``paths.bundles/<task>``) on image files, folders,
   list files or shard folders; one row per image with its top-k classes (unreadable images are listed, not fatal).
+* ``uda-distill server [--port 4200]``: a Prefect server on 127.0.0.1 (telemetry off) until Ctrl-C; it prints
+  the ``export PREFECT_API_URL=...`` that makes stage runs report to it, and its UI's address.
 * ``uda-distill export BUNDLE --format merged|pt2|onnx --out PATH [--images INPUT...]``: a standalone
   open_clip ``local-dir:`` student, a ``torch.export`` program or an ONNX graph, each checked against the
   eager student (max logit difference at most 1e-4).
@@ -112,6 +114,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    from pipeline.orchestration.local_server import serve
+
+    return serve(args.port)
+
+
 def _base_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="where the base model's weights are, when not where the bundle was trained: "
                         "local-dir:<folder>, a .pt/.safetensors file, or a pretrained tag")
@@ -156,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="images for the parity check (default: 8 seeded synthetic images)")
     _base_options(export)
     export.set_defaults(func=_export)
+    server = sub.add_parser("server", help="run a Prefect server (UI and API) on 127.0.0.1 until Ctrl-C")
+    server.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
+    server.set_defaults(func=_server)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
     return entry("uda-distill", lambda _argv: args.func(args), ["--debug"] if args.debug else [],

@@ -6,7 +6,7 @@ before the stage has finished logging (connection tracebacks), (b) outlives a st
 (~200 MB orphaned), and (c) must answer within 20 s, which a busy 2-core machine misses. This module
 starts Prefect's own temporary server class instead, in a session of its own, with Linux's parent-death
 signal set so the kernel stops it when the stage process dies however it dies, and with a longer startup
-wait; it drains the log and event workers before stopping it.
+wait (unless the user chose one); it drains the log and event workers before stopping it.
 """
 from __future__ import annotations
 
@@ -23,36 +23,23 @@ from typing import Iterator
 import prefect.server.api.server as prefect_server
 from prefect.events.worker import EventsWorker
 from prefect.logging.handlers import APILogWorker
-from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-                              temporary_settings)
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
 
-#: Seconds to wait for the temporary server; Prefect's 20 s default times out on a busy 2-core machine.
-STARTUP_TIMEOUT_S = 120
+from pipeline.orchestration.tied_launcher import TIED_LAUNCHER
 
-# Runs in the server's process before uvicorn: ask the kernel for SIGTERM when the parent dies
-# (prctl PR_SET_PDEATHSIG = 1; kept across exec), then become uvicorn. If the parent died before the
-# request took effect, stop at once. Elsewhere than Linux there is no prctl and the server is stopped
-# only by the normal exit path.
-_LAUNCHER = """
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-except (AttributeError, OSError):
-    pass
-if os.getppid() != parent:
-    sys.exit(0)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
+#: Seconds to wait for the temporary server; Prefect's 20 s default times out on a busy 2-core machine.
+#: A user's own PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (environment, profile, prefect.toml) wins.
+STARTUP_TIMEOUT_S = 120
+TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 
 _START_LOCK = threading.Lock()
 
 
 def _tied_popen(args, **kwargs) -> subprocess.Popen:
     """``subprocess.Popen`` for the server: own session (a terminal's Ctrl-C reaches only the stage, which
-    then stops the server itself) and the launcher above in front of Prefect's own command line."""
-    return subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(os.getpid()), *args[1:]],
+    then stops the server itself) and the tied launcher in front of Prefect's own command line."""
+    return subprocess.Popen([sys.executable, "-c", TIED_LAUNCHER, str(os.getpid()), *args[1:]],
                             start_new_session=True, **kwargs)
 
 
@@ -88,6 +75,14 @@ def _drain_workers() -> None:
         run_coro_as_sync(drain())
 
 
+def startup_timeout() -> int:
+    """Seconds to wait for the temporary server: the user's setting when they made one, else ours."""
+    ephemeral = get_current_settings().server.ephemeral
+    if "startup_timeout_seconds" in ephemeral.model_fields_set:
+        return ephemeral.startup_timeout_seconds
+    return STARTUP_TIMEOUT_S
+
+
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """Yield the API URL the block's flows report to, starting (and at the end stopping) a temporary
@@ -96,9 +91,17 @@ def prefect_api() -> Iterator[str]:
     if url:
         yield url
         return
+    timeout = startup_timeout()
     with _START_LOCK:
         server = _TiedServer(port=_free_port())
-        server.start(timeout=max(STARTUP_TIMEOUT_S, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+        try:
+            server.start(timeout=timeout)
+        except Exception as exc:  # Prefect raises a bare RuntimeError on a timeout
+            server.stop()
+            raise RuntimeError(
+                f"the temporary Prefect server did not start within {timeout} s ({exc}); start a lasting one with "
+                f"`uda-distill server` and export the PREFECT_API_URL it prints, or raise {TIMEOUT_SETTING}"
+            ) from exc
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             try:
@@ -107,3 +110,4 @@ def prefect_api() -> Iterator[str]:
                 _drain_workers()
     finally:
         server.stop()
+
