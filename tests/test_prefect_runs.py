@@ -141,3 +141,34 @@ def test_artifact_keys_and_rows_from_the_results():
         {"task": "a", "model": "zeroshot_teacher", "acc": 50.0, "mean_class_acc": 49.0},
         {"task": "b", "model": "student", "acc": 90.0, "mean_class_acc": 89.5}]
     assert result_rows({"tasks": {"c": "moved elsewhere"}}) == [] == result_rows({})
+
+
+def test_a_temporary_server_that_does_not_start_says_what_to_do(monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    from pipeline.orchestration import server
+
+    def no_answer(self, timeout=None):
+        raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(server._TiedServer, "start", no_answer)
+    monkeypatch.setattr(server._TiedServer, "stop", lambda self: None)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # as without a server of one's own
+        with pytest.raises(RuntimeError, match=rf"within {STARTUP_TIMEOUT_S} s.*`uda-distill server`.*"
+                                               r"PREFECT_API_URL.*PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
+            with server.prefect_api():
+                pass
+
+
+def test_uda_distill_server_refuses_a_port_in_use():
+    import socket
+
+    from pipeline.orchestration.local_server import local_server
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} .* in use.*--port"):
+            with local_server(port):
+                pass
