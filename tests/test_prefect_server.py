@@ -43,7 +43,8 @@ def prefect_server(tmp_path):
 
 def run_stage(project: Path, stage: str, api_url: str, **extra_env: str) -> str:
     """``python -m stages.<stage>`` in `project` with this repository's code, reporting to `api_url`."""
-    env = {**smoke_env(project), "PREFECT_API_URL": api_url, "PYTHONPATH": str(REPO),
+    env = {**smoke_env(project), "PREFECT_API_URL": api_url, "PREFECT_HOME": str(project / ".prefect"),
+           "PYTHONPATH": str(REPO),
            # the copy holds the code it was built with: import this repository's instead of the folder's
            "PYTHONSAFEPATH": "1", **extra_env}
     done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, capture_output=True,
