@@ -36,12 +36,10 @@ class QuietExpectedFailures(logging.Filter):
     ``UDA_DISTILL_DEBUG=1`` shows them on the console too. A defect's traceback is always kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if debugging():
+        if debugging() or record.name not in RUN_LOGGERS or record.levelno < logging.ERROR:
             return True
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None:
-            return is_defect(exc)
-        return not (record.name in RUN_LOGGERS and record.levelno >= logging.ERROR)
+        return exc is not None and is_defect(exc)
 
 
 def configure_run_logs() -> None:
