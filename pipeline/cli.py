@@ -1,7 +1,8 @@
 """``uda-distill``: helper commands around the DVC pipeline.
 
-* ``uda-distill smoke [--workdir DIR]``: the whole pipeline offline in minutes (tiny stand-in VLMs) in a
-  scratch copy; prints the results table.
+* ``uda-distill smoke [--workdir DIR]``: the README's first command (``dvc repro`` on the offline default
+  params, tiny stand-in VLMs) in a scratch copy of the project, about 10 CPU minutes; prints the results table.
+  Run again on the same folder, it re-runs ``dvc repro`` there.
 * ``uda-distill fetch-weights [--params params.yaml]``: download the teacher and student weights named in
   the params into the open_clip cache, so later runs work offline (``HF_HUB_OFFLINE=1``).
 * ``uda-distill info [--params params.yaml] [--method M] [--teacher NAME] [--student NAME] [--classes C]
@@ -120,6 +121,15 @@ def _server(args: argparse.Namespace) -> int:
     return serve(args.port)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("uda-distill")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _base_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="where the base model's weights are, when not where the bundle was trained: "
                         "local-dir:<folder>, a .pt/.safetensors file, or a pretrained tag")
@@ -129,14 +139,23 @@ def _base_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="uda-distill", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    smoke = sub.add_parser("smoke", help="run the offline smoke pipeline (dvc repro) in a scratch copy")
-    smoke.add_argument("--workdir", help="empty folder for the project copy (default: a new temp folder)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        # the one-line summary is both the line in `uda-distill --help` and the description of `<name> --help`
+        return sub.add_parser(name, help=summary, description=summary)
+
+    smoke = command("smoke", "run the README's first command (dvc repro on the offline default params.yaml) in a "
+                    "scratch copy of the project; Prefect runs go to $PREFECT_API_URL when set, else to a "
+                    "temporary server per stage")
+    smoke.add_argument("--workdir", help="folder for the project copy: new, empty, or an earlier smoke folder to "
+                       "run again (default: a new temporary folder)")
     smoke.set_defaults(func=_smoke)
-    fetch = sub.add_parser("fetch-weights", help="cache the weights named in params.yaml (needs internet)")
+    fetch = command("fetch-weights", "cache the weights named in params.yaml (needs internet)")
     fetch.add_argument("--params", default="params.yaml", type=Path)
     fetch.set_defaults(func=_fetch_weights)
-    info = sub.add_parser("info", help="trainable/stored parameter counts of a method (no weights needed)")
+    info = command("info", "trainable/stored parameter counts of a method (no weights needed)")
     info.add_argument("--params", default="params.yaml", type=Path)
     info.add_argument("--method", help="override distill.method")
     info.add_argument("--teacher", help="override model.teacher.name (an open_clip architecture)")
@@ -145,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a params key, e.g. -S distill.ekda.n_tokens=2 (repeatable)")
     info.set_defaults(func=_info)
-    pred = sub.add_parser("predict", help="classify images with a task's bundle")
+    pred = command("predict", "classify images with a task's bundle")
     pred.add_argument("bundle", help="a bundle folder (paths.bundles/<task>, or a merged export)")
     pred.add_argument("inputs", nargs="+", metavar="INPUT",
                       help="image files, folders, list files (.txt/.lst/.csv) or shard folders")
@@ -156,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     pred.add_argument("--num-workers", type=int, default=0, help="image-reading processes (0: in this process)")
     _base_options(pred)
     pred.set_defaults(func=_predict)
-    export = sub.add_parser("export", help="export a bundle: merged (open_clip local-dir), pt2 (torch.export), onnx")
+    export = command("export", "export a bundle: merged (open_clip local-dir), pt2 (torch.export), onnx")
     export.add_argument("bundle", help="a bundle folder (paths.bundles/<task>)")
     export.add_argument("--format", required=True, choices=("merged", "pt2", "onnx"))
     export.add_argument("--out", required=True, help="output folder (merged) or file (pt2, onnx)")
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="images for the parity check (default: 8 seeded synthetic images)")
     _base_options(export)
     export.set_defaults(func=_export)
-    server = sub.add_parser("server", help="run a Prefect server (UI and API) on 127.0.0.1 until Ctrl-C")
+    server = command("server", "run a Prefect server (UI and API) on 127.0.0.1 until Ctrl-C")
     server.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
     server.set_defaults(func=_server)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")

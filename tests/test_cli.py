@@ -66,3 +66,21 @@ def test_smoke_refuses_a_non_empty_workdir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not empty and was not made by `uda-distill smoke`" in err and "Traceback" not in err
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_version_and_a_description_for_every_command(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("uda-distill ")
+    commands = ("smoke", "fetch-weights", "info", "predict", "export", "server")
+    for name in commands:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        usage, description = capsys.readouterr().out.split("\n\n")[:2]
+        assert usage.startswith(f"usage: uda-distill {name}") and len(description.strip()) > 20, name
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out.split("positional arguments:")[1]
+    assert all(f"\n    {name}" in listing for name in commands)  # each with its summary line
