@@ -84,3 +84,33 @@ def test_version_and_a_description_for_every_command(capsys):
         main(["--help"])
     listing = capsys.readouterr().out.split("positional arguments:")[1]
     assert all(f"\n    {name}" in listing for name in commands)  # each with its summary line
+
+
+def test_smoke_reruns_in_its_own_folder_and_honours_prefect_api_url(tmp_path, monkeypatch):
+    from pipeline import smoke
+
+    made = tmp_path / "earlier-smoke"
+    made.mkdir()
+    (made / smoke.MARKER).write_text("made by uda-distill smoke\n")
+    (made / "dvc.lock").write_text("kept\n")
+    assert smoke.prepare_workdir(made) == made and (made / "dvc.lock").read_text() == "kept\n"  # nothing recopied
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    env = smoke.smoke_env(made)
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert env.get("PREFECT_HOME") != str(made / ".prefect")  # the user's server, the user's Prefect home
+    assert "http://127.0.0.1:4200/api" in smoke.prefect_target()
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert smoke.smoke_env(made)["PREFECT_HOME"] == str(made / ".prefect")  # temporary servers: a home in the copy
+
+
+def test_bare_pytest_imports_the_stages(tmp_path):
+    """`pytest` (not `python -m pytest`) from the repository root: pyproject's pythonpath puts `stages` on the path."""
+    import subprocess
+    import sys
+
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import stages.validate\n\ndef test_probe():\n    assert stages.validate.STAGE == 'validate'\n")
+    done = subprocess.run([str(Path(sys.executable).parent / "pytest"), "-q", "-p", "no:cacheprovider",
+                           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), str(probe)],
+                          cwd=ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout[-2000:]
