@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 #: What a copy holds when the project is not a git checkout (e.g. an unpacked archive).
 PROJECT_FILES = ("pipeline", "stages", "configs", "params.yaml", "dvc.yaml", ".dvcignore", ".dvc/config",
                  ".dvc/.gitignore", ".gitignore", "pyproject.toml", "README.md")
@@ -128,7 +130,5 @@ def run_smoke(workdir: str | os.PathLike, *, echo: bool = False) -> Path:
     workdir = prepare_workdir(workdir)
     dvc(["repro"], workdir=workdir, echo=echo)
     commit_results(workdir)
-    import yaml
-
     params = yaml.safe_load((workdir / "params.yaml").read_text(encoding="utf-8"))
     return workdir / params["paths"]["report"]

@@ -20,7 +20,7 @@ from pipeline.artifacts import Artifacts
 from pipeline.command import DEBUG_ENV
 from pipeline.config import load_params, resolve_keys, stage_declaration
 from pipeline.io import write_run_info
-from pipeline.models.factory import LOCAL_DIR, ModelSpec, check_weights_available
+from pipeline.models.factory import ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
 
 #: Set by ``dvc exp run`` for each stage command: the experiment's name.
