@@ -43,15 +43,20 @@ def check_stop() -> None:
         raise Cancelled("stopped on request (interrupt)")
 
 
-def progress(iterable: Iterable[T], **tqdm_kwargs) -> Iterator[T]:
-    """``tqdm(iterable, **tqdm_kwargs)`` that checks for a stop request before each item.
+def bar(iterable: Iterable[T] | None = None, **tqdm_kwargs) -> tqdm:
+    """``tqdm(iterable, **tqdm_kwargs)``, drawn only when its output is a terminal.
 
-    When the output is not a terminal (a piped log, DVC's captured output, a Prefect worker) there is no bar:
-    redrawn lines would only clutter the log, where the per-epoch log lines already say how far the work got.
+    In a piped log (DVC's captured output, CI, a Prefect worker) redrawn lines would only clutter the log,
+    where the per-epoch log lines already say how far the work got.
     """
     stream = tqdm_kwargs.get("file") or sys.stderr
     if not getattr(stream, "isatty", lambda: False)():
         tqdm_kwargs["disable"] = True
-    for item in tqdm(iterable, **tqdm_kwargs):
+    return tqdm(iterable, **tqdm_kwargs)
+
+
+def progress(iterable: Iterable[T], **tqdm_kwargs) -> Iterator[T]:
+    """:func:`bar` over ``iterable`` that checks for a stop request before each item."""
+    for item in bar(iterable, **tqdm_kwargs):
         check_stop()
         yield item

@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.data.imagecheck import check_image
 from pipeline.data.samples import Sample, Skipped, check_classes
 from pipeline.io import atomic_dir, atomic_write_json
-from pipeline.progress import check_stop
+from pipeline.progress import bar, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +125,13 @@ def write_one_shard(job: tuple[str, str, str, list[tuple[str, str, str, int, str
 
 def _run_jobs(jobs: list, workers: int, desc: str):
     """Yield ``(index, result)`` of every job, in completion order, with a progress bar in images."""
-    bar = tqdm(total=sum(len(j[3]) for j in jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0,
-               disable=not sys.stderr.isatty())  # no bar in a log (see pipeline.progress)
+    images = bar(total=sum(len(j[3]) for j in jobs), desc=desc, unit="img", file=sys.stderr, mininterval=1.0)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for i, job in enumerate(jobs):
                 check_stop()
                 result = write_one_shard(job)
-                bar.update(result["n_in"])
+                images.update(result["n_in"])
                 yield i, result
             return
         ctx = multiprocessing.get_context("forkserver")
@@ -143,10 +141,10 @@ def _run_jobs(jobs: list, workers: int, desc: str):
                       initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             for i, result in pool.imap_unordered(_indexed, list(enumerate(jobs))):
                 check_stop()  # leaving the block terminates the pool's processes
-                bar.update(result["n_in"])
+                images.update(result["n_in"])
                 yield i, result
     finally:
-        bar.close()
+        images.close()
 
 
 def _indexed(item: tuple[int, Any]) -> tuple[int, dict[str, Any]]:
