@@ -72,3 +72,15 @@ def test_cmkd_trains_the_whole_visual_tower_and_the_head(base, capsys):
                  "-S", "distill.cmkd.rst.enabled=true"]) == 0
     out = capsys.readouterr().out
     assert "86,227,456" in out and "RST" in out and "33,280 (paper)" in out and "35,328 (code)" in out
+
+
+def test_info_on_the_default_params_before_the_standins_exist(tmp_path, monkeypatch, capsys):
+    """The offline default names `local-dir:` stand-ins that the standins stage writes later: their architecture
+    is known from `standins.models`, so the counts need no trained folder."""
+    from pathlib import Path
+
+    params = Path(__file__).resolve().parent.parent / "params.yaml"
+    monkeypatch.chdir(tmp_path)  # no models/standins here
+    assert main(["info", "--params", str(params)]) == 0
+    out = capsys.readouterr().out
+    assert "digits-vit-teacher" in out and "digits-vit-student" in out
