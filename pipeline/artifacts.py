@@ -66,8 +66,8 @@ class PromptOutput:
     """The prompts stage's output for one task.
 
     ``prompt.pt`` (torch, weights only): ``states`` (trainable state per epoch), ``reported`` (the state the
-    teacher uses: GPA aggregate or last epoch), ``gpa``, ``config`` (the prompt-construction keys),
-    ``classes``, ``identity`` (teacher model identity), ``logit_scale``, ``task``.
+    teacher uses: GPA aggregate or last epoch), ``gpa``, ``kind`` (``prompts.kind``), ``config`` (the
+    teacher's :class:`pipeline.models.teacher_prompts.PromptedTeacher` keywords), ``classes``, ``identity`` (teacher model identity), ``logit_scale``, ``task``.
     """
 
     dir: Path
@@ -123,12 +123,14 @@ class DomainFeatures:
 class TaskFeatures:
     """What the features stage caches per task.
 
-    ``class_vectors.npy`` [C, D]: the source-prompted teacher's class vectors (shared with the student);
+    ``class_vectors.npy`` [C, D]: the source-prompted teacher's class vectors (shared with the student; a
+    CoCoOp teacher's are conditioned on the mean target image feature);
     ``zeroshot_vectors.npy`` [C, D]: the template-ensemble zero-shot vectors; ``target_logits.npy`` [N, C]:
     the teacher's target logits (target domain key order); ``target_features.npy``: the target features
     re-encoded with the teacher's visual prompts (only when it has them); ``zeroshot_preds_<side>.npy`` [N]
     and ``teacher_preds_<side>.npy`` [E, N]: predictions the evaluate stage scores; ``meta.json``: task,
-    classes, logit_scale, templates, model identity, prompt epochs, gpa, teacher_rows, visual_prompts, and
+    classes, logit_scale, templates, model identity, prompt kind, prompt epochs, gpa, teacher_rows,
+    visual_prompts, and
     ``keys`` ({side: :func:`keys_digest`}: the row order of every per-image file above).
     """
 

@@ -23,7 +23,8 @@ from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import FAISS_INDEXES
 from pipeline.methods import METHODS
 from pipeline.models.factory import PRECISIONS
-from pipeline.models.prompted import LOCATIONS, PROMPT_INITS
+from pipeline.methods.prompt_kinds import KINDS as PROMPT_KINDS, check as check_prompts
+from pipeline.models.prompted import PROMPT_INITS
 from pipeline.orchestration.devices import DEVICE_POLICIES
 from pipeline.schema import (ConfigError, DictOf, Tagged, boolean, integer, number, template, text, text_list,
                              text_map, validate)
@@ -79,8 +80,9 @@ SCHEMA: dict[str, Any] = {
     "model": {"cache_dir": text(nullable=True), "teacher": MODEL, "student": MODEL},
     "standins": {"models": DictOf(text(), min_len=0), "dataset": text(), "domains": text_list(),
                  "templates": text_list(is_template=True), "epochs": integer(1), "batch_size": integer(2), "lr": LEARNING_RATE},
-    "prompts": {**SGD, "augment": text(TRAIN_TRANSFORMS, default="dassl"), "template": template(), "n_ctx": integer(0), "init": text(PROMPT_INITS),
-                "class_specific": boolean(), "visual_tokens": integer(0), "visual_location": text(LOCATIONS),
+    "prompts": {**SGD, "augment": text(TRAIN_TRANSFORMS, default="dassl"), "kind": text(tuple(PROMPT_KINDS)),
+                "template": template(), "init": text(PROMPT_INITS),
+                **{name: kind.params for name, kind in PROMPT_KINDS.items()},  # each kind's own block
                 "text_weight": number(0.0), "image_weight": number(0.0), "kl_weight": number(0.0),
                 "gpa_mean": number(0.0), "gpa_std": number(1e-6)},
     "features": {"templates": text_list(is_template=True), "batch_size": integer(1), "faiss_index": text(FAISS_INDEXES)},
@@ -141,9 +143,7 @@ def _cross_checks(p: dict[str, Any], errors: list[str]) -> None:
     for method in METHODS.values():
         if method.check is not None:
             method.check(p, errors)
-    pr = p["prompts"]
-    if pr["n_ctx"] == 0 and pr["visual_tokens"] == 0:
-        errors.append("prompts: n_ctx and visual_tokens are both 0, so nothing would be learned; set either")
+    check_prompts(p["prompts"], errors)
 
 
 def _external_checks(name: str, ds: dict[str, Any], errors: list[str]) -> None:

@@ -5,7 +5,8 @@ every image plus a faiss index over them.
 Phase 2, one item per task: zero-shot and learned-prompt class vectors (one set per prompt epoch, plus the
 GPA aggregate when used), the target logits the student distils from, and the teacher's per-epoch
 predictions for the evaluate stage. A teacher with visual prompts has task-specific image features: they
-are re-encoded with the reported prompts (``target_features.npy``) and only that state is scored.
+are re-encoded with the reported prompts (``target_features.npy``) and only that state is scored; so is a
+CoCoOp teacher's, whose class vectors depend on the image (its logits take one text pass per image).
 No labels are read here. File names and contents: :mod:`pipeline.artifacts`.
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pipeline.command import entry
 from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_keys
-from pipeline.features.cache import (build_index, encode_images, encode_shards, logits, prompted_vectors,
-                                     save_index, zero_shot_vectors)
+from pipeline.features.cache import (build_index, conditional_logits, encode_images, encode_shards, logits,
+                                     mean_conditioned_vectors, prompted_vectors, save_index, zero_shot_vectors)
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, load_checkpoint
 from pipeline.methods.shared import build_teacher
 from pipeline.models.factory import assert_same_identity, load_model
@@ -61,33 +62,43 @@ def main(argv: list[str] | None = None) -> None:
             teacher = build_teacher(model, classnames, prompt["config"]).to(device).eval()
             # rows of the teacher's per-epoch predictions; the last row is the reported teacher
             rows = prompt["states"] + ([prompt["reported"]] if prompt["gpa"] else [])
-            if teacher.vision is not None:  # image features depend on the prompts: the reported state only
+            if teacher.prompted_vision or teacher.conditional:  # per-image work: the reported state only
                 rows = [prompt["reported"]]
-            per_epoch = prompted_vectors(teacher, rows, precision=model.spec.precision, device=device)
+            precision = model.spec.precision
+            per_epoch = None if teacher.conditional else prompted_vectors(teacher, rows, precision=precision,
+                                                                          device=device)
+            teacher.load_trainable_state(prompt["reported"])
             out, scale = cache.task(name), model.logit_scale
             keys = {side: shard_keys(shard_dir(params, task["dataset"], task[side])) for side in SIDES}
             for side in SIDES:
                 plain = cache.domain(task["dataset"], task[side]).features(keys[side])
                 feats = plain
-                if teacher.vision is not None:
+                if teacher.prompted_vision:
                     _, encoded, _ = encode_shards(teacher.image_features, shard_dir(params, task["dataset"], task[side]),
                                                   transform=model.preprocess, batch_size=ft["batch_size"],
-                                                  device=device, precision=model.spec.precision,
+                                                  device=device, precision=precision,
                                                   num_workers=rt["num_workers"], desc=f"prompted features {side}")
                     feats = encoded.numpy().astype(np.float32)
                     if side == "target":
                         atomic_save_npy(out.target_features, feats)
+                if teacher.conditional:
+                    z = [conditional_logits(teacher, feats, scale, precision=precision, device=device,
+                                            batch_size=ft["batch_size"])]
+                else:
+                    z = [logits(feats, w, scale) for w in per_epoch]
                 atomic_save_npy(out.zeroshot_preds(side), logits(plain, zero_shot, scale).argmax(1))
-                atomic_save_npy(out.teacher_preds(side), np.stack([logits(feats, w, scale).argmax(1) for w in per_epoch]))
+                atomic_save_npy(out.teacher_preds(side), np.stack([row.argmax(1) for row in z]))
                 if side == "target":
-                    atomic_save_npy(out.target_logits, logits(feats, per_epoch[-1], scale))
-            atomic_save_npy(out.class_vectors, per_epoch[-1])  # shared with the student
+                    atomic_save_npy(out.target_logits, z[-1])
+                    vectors = (per_epoch[-1] if per_epoch is not None
+                               else mean_conditioned_vectors(teacher, feats, device=device))
+            atomic_save_npy(out.class_vectors, vectors)  # shared with the student
             atomic_save_npy(out.zeroshot_vectors, zero_shot)
             atomic_write_json(out.meta_path, {
                 "task": task, "classes": prompt["classes"], "logit_scale": scale, "templates": ft["templates"],
-                "model": model.identity, "prompt_epochs": len(prompt["states"]), "gpa": prompt["gpa"],
-                "prompt_train_transform": prompt.get("train_transform", "none"),
-                "teacher_rows": len(per_epoch), "visual_prompts": teacher.vision is not None,
+                "model": model.identity, "prompt_kind": prompt["kind"], "prompt_epochs": len(prompt["states"]),
+                "gpa": prompt["gpa"], "prompt_train_transform": prompt["train_transform"],
+                "teacher_rows": len(rows), "visual_prompts": teacher.prompted_vision,
                 "keys": {side: keys_digest(k) for side, k in keys.items()}})
             return {"classes": len(classnames)}
 

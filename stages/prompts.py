@@ -1,8 +1,9 @@
 """Stage ``prompts``: learn each task's teacher prompts on its labelled source domain.
 
-Text context (CoOp), shallow visual prompts (VPT) or both, with optional PromptSRC-style regularisation
-towards the zero-shot teacher (its text vectors are the ``features.templates`` ensemble) and Gaussian
-prompt aggregation; see :mod:`pipeline.methods.source_prompts`. An interrupted run continues from each
+The prompt variant is ``prompts.kind`` (CoOp, CoCoOp, VPT, IVLP, MaPLe, PromptSRC:
+:mod:`pipeline.methods.prompt_kinds`), with optional PromptSRC-style regularisation towards the zero-shot
+teacher (its text vectors are the ``features.templates`` ensemble) and Gaussian prompt aggregation; see
+:mod:`pipeline.methods.source_prompts`. An interrupted run continues from each
 task's snapshot and reuses tasks that finished (:mod:`pipeline.resume`).
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_classes
 from pipeline.features.cache import zero_shot_vectors
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
-from pipeline.methods.shared import TEACHER_KEYS
+from pipeline.methods.prompt_kinds import teacher_architecture
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
 from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
@@ -30,6 +31,7 @@ STAGE = "prompts"
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
     pr, rt = params["prompts"], params["runtime"]
+    architecture = teacher_architecture(pr)
     spec = checked_model_spec(params, "teacher")  # before any work
     with atomic_dir(params["paths"]["prompts"]) as tmp:
         def work(name, task, device):
@@ -47,18 +49,17 @@ def main(argv: list[str] | None = None) -> None:
                 templates = params["features"]["templates"]
                 zs_text = torch.from_numpy(zero_shot_vectors(teacher, classnames, templates, device=device))
             out = train_source_prompts(
-                teacher_model=teacher, classnames=classnames, config=pr, zs_text=zs_text,
+                teacher_model=teacher, classnames=classnames, architecture=architecture, config=pr, zs_text=zs_text,
                 shard_dir=shard_dir(params, task["dataset"], task["source"]), epochs=pr["epochs"],
                 batch_size=pr["batch_size"], lr=pr["lr"], momentum=pr["momentum"], weight_decay=pr["weight_decay"],
                 seed=params["seed"], device=device, num_workers=rt["num_workers"], deterministic=rt["deterministic"],
                 checkpoint_path=snapshot)
             atomic_torch_save(out_dir.prompt, {
                 "states": out["states"], "reported": out["reported"], "gpa": out["gpa"],
-                "config": {k: pr[k] for k in TEACHER_KEYS}, "train_transform": pr["augment"], "classes": classes,
-                "identity": teacher.identity,
-                "logit_scale": out["logit_scale"], "task": task})
-            atomic_write_json(out_dir.train_log, {"trainable_params": out["trainable_params"],
-                                                              "epochs": out["log"]})
+                "kind": pr["kind"], "config": architecture, "train_transform": pr["augment"], "classes": classes,
+                "identity": teacher.identity, "logit_scale": out["logit_scale"], "task": task})
+            atomic_write_json(out_dir.train_log, {"kind": pr["kind"], "trainable_params": out["trainable_params"],
+                                                  "epochs": out["log"]})
             return out["log"][-1]
 
         run_stage_items(STAGE, params, params["tasks"], work, label=task_label(params))

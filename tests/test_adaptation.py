@@ -106,16 +106,15 @@ def test_masked_pseudo_label_ce_by_hand():
 
 
 def test_source_visual_prompts_with_scl_and_gpa(teacher, digits_shards, cached):
-    config = dict(template=TEMPLATE, n_ctx=0, init="word", class_specific=False, visual_tokens=2,
-                  visual_location="middle", text_weight=25.0, image_weight=10.0, kl_weight=1.0, gpa_mean=2.0,
-                  gpa_std=1.0)
+    architecture = dict(template=TEMPLATE, n_ctx=0, visual_tokens=2, visual_location="middle")
+    config = dict(text_weight=25.0, image_weight=10.0, kl_weight=1.0, gpa_mean=2.0, gpa_std=1.0)
     out = train_source_prompts(teacher_model=teacher, classnames=NAMES, shard_dir=digits_shards["usps"],
-                               config=config, zs_text=torch.from_numpy(cached["zs"]), epochs=3, batch_size=16,
+                               architecture=architecture, config=config, zs_text=torch.from_numpy(cached["zs"]), epochs=3, batch_size=16,
                                lr=0.1, momentum=0.9, weight_decay=0.0, seed=0, device="cpu")
     assert out["trainable_params"] == 2 * 64 and out["gpa"]
     w = gaussian_weights(3, 2.0, 1.0)
-    expected = sum(wi * s["vision.prompts"] for wi, s in zip(w, out["states"]))
-    assert torch.allclose(out["reported"]["vision.prompts"], expected, atol=1e-6)
+    expected = sum(wi * s["visual_prompts"] for wi, s in zip(w, out["states"]))
+    assert torch.allclose(out["reported"]["visual_prompts"], expected, atol=1e-6)
 
 
 def test_gaussian_weights_and_aggregation_by_hand():
@@ -203,10 +202,8 @@ def test_every_method_trains_on_seeded_train_views(teacher, student, digits_shar
     assert not torch.equal(e1.state["student"]["encoder.prompts"], e0.state["student"]["encoder.prompts"])
     assert not torch.equal(d1.state["prompts"]["ctx"], d0.state["prompts"]["ctx"])
     assert d1.log[0]["iterations"] == d0.log[0]["iterations"] == 4  # an epoch is one pass over the source
-    config = dict(template=TEMPLATE, n_ctx=2, init="word", class_specific=False, visual_tokens=0,
-                  visual_location="middle", text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=0.0,
-                  gpa_std=1.0)
+    config = dict(text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=0.0, gpa_std=1.0)
     coop = [train_source_prompts(teacher_model=teacher, classnames=NAMES, shard_dir=digits_shards["usps"],
-                                 config={**config, "augment": a}, zs_text=None, epochs=1, batch_size=16, lr=0.5,
+                                 architecture=dict(template=TEMPLATE, n_ctx=2), config={**config, "augment": a}, zs_text=None, epochs=1, batch_size=16, lr=0.5,
                                  momentum=0.9, weight_decay=0.0, seed=0, device="cpu") for a in ("dassl", "none")]
-    assert not torch.equal(coop[0]["reported"]["text.ctx"], coop[1]["reported"]["text.ctx"])
+    assert not torch.equal(coop[0]["reported"]["ctx"], coop[1]["reported"]["ctx"])

@@ -9,7 +9,7 @@ from pipeline.artifacts import Artifacts, StaleCacheError, keys_digest
 from pipeline.features.cache import (build_index, encode_images, faiss_uses_gpu, load_index, logits,
                                      prompted_vectors, save_index, zero_shot_vectors)
 from pipeline.models.factory import ModelSpec, load_model
-from pipeline.models.prompted import PromptedTeacher
+from pipeline.models.teacher_prompts import PromptedTeacher
 
 NAMES = ["zero", "one", "two", "three"]
 
@@ -46,15 +46,15 @@ def _teacher(tiny, **kw):
 def test_prompted_vectors_one_set_per_saved_state(tiny):
     teacher = _teacher(tiny)
     first = teacher.trainable_state()
-    second = {"text.ctx": first["text.ctx"] + 0.5}
+    second = {"ctx": first["ctx"] + 0.5}
     vecs = prompted_vectors(teacher, [first, second], precision="fp32", device="cpu")
     assert vecs.shape == (2, 4, 64)
     # the word-initialised context equals the plain prompt
     assert np.allclose(vecs[0], zero_shot_vectors(tiny, NAMES, ["a photo of the number {}."], device="cpu"),
                        atol=1e-5)
     assert not np.allclose(vecs[0], vecs[1])
-    with pytest.raises(ValueError, match="missing \\['text.ctx'\\], unexpected \\['ctx'\\]"):
-        prompted_vectors(teacher, [{"ctx": first["text.ctx"]}], precision="fp32", device="cpu")
+    with pytest.raises(ValueError, match="missing \\['ctx'\\], unexpected \\['text.ctx'\\]"):
+        prompted_vectors(teacher, [{"text.ctx": first["ctx"]}], precision="fp32", device="cpu")
 
 
 def test_logits_are_scaled_cosines():
@@ -79,7 +79,7 @@ def test_faiss_index_roundtrip_and_metadata(tmp_path):
 
 def test_prompted_vectors_accept_class_specific_contexts(tiny):
     teacher = _teacher(tiny, class_specific=True)
-    assert teacher.text.ctx.shape == (4, 2, 64)
+    assert teacher.ctx.shape == (4, 2, 64)
     vecs = prompted_vectors(teacher, [teacher.trainable_state()], precision="fp32", device="cpu")
     assert np.allclose(vecs[0], zero_shot_vectors(tiny, NAMES, ["a photo of the number {}."], device="cpu"),
                        atol=1e-5)

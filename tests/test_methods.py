@@ -22,6 +22,7 @@ from pipeline.models.factory import ModelSpec, load_model
 NAMES = [prompt_name(c) for c in load_classlist("digits")]
 
 
+ARCHITECTURE = ("template", "n_ctx", "init", "class_specific", "visual_tokens", "visual_location")
 PROMPTS = dict(template="a photo of the number {}.", n_ctx=4, init="word", class_specific=False, visual_tokens=0,
                visual_location="middle", text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=0.0, gpa_std=1.0)
 
@@ -30,17 +31,19 @@ def _coop(teacher, shards, zs_text=None, **kw):
     args = dict(teacher_model=teacher, classnames=NAMES, shard_dir=shards, zs_text=zs_text, epochs=4,
                 batch_size=16, lr=0.5, momentum=0.9, weight_decay=0.0, seed=3, device="cpu")
     config = {**PROMPTS, **{k: v for k, v in kw.items() if k in PROMPTS}}
-    return train_source_prompts(config=config, **{**args, **{k: v for k, v in kw.items() if k not in PROMPTS}})
+    architecture = {k: config.pop(k) for k in ARCHITECTURE}
+    return train_source_prompts(architecture=architecture, config=config,
+                                **{**args, **{k: v for k, v in kw.items() if k not in PROMPTS}})
 
 
 def _ctx(out):
-    return torch.stack([s["text.ctx"] for s in out["states"]])
+    return torch.stack([s["ctx"] for s in out["states"]])
 
 
 def test_coop_learns_the_context_and_is_repeatable(teacher, digits_shards):
     out = _coop(teacher, digits_shards["usps"])
     assert _ctx(out).shape == (4, 4, 64) and out["n_source"] == 60 and out["trainable_params"] == 4 * 64
-    assert set(out["reported"]) == {"text.ctx"} and torch.equal(out["reported"]["text.ctx"], _ctx(out)[-1])
+    assert set(out["reported"]) == {"ctx"} and torch.equal(out["reported"]["ctx"], _ctx(out)[-1])
     assert out["log"][-1]["loss"] < out["log"][0]["loss"]  # CE on the source goes down
     assert not torch.equal(_ctx(out)[0], _ctx(out)[-1])
     again = _coop(teacher, digits_shards["usps"])

@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 from pipeline.models.factory import (ModelSpec, ModelWeightsError, assert_same_identity, check_weights_available,
                                      load_model, save_local_dir)
-from pipeline.models.prompted import PromptedStudent, PromptedTextEncoder, PromptedVisionEncoder, Projector
+from pipeline.models.prompted import PromptedStudent, PromptedVisionEncoder, Projector
+from pipeline.models.teacher_prompts import PromptedTeacher
 
 NAMES = ["zero", "one", "two"]
 TEMPLATE = "a photo of the number {}."
@@ -70,20 +71,20 @@ def test_local_dir_roundtrip_and_checkpoint_file(tiny, tmp_path):
 def test_text_prompts_reproduce_open_clip_and_learn(tiny):
     ref = F.normalize(tiny.model.encode_text(tiny.tokenizer([TEMPLATE.format(n) for n in NAMES])), dim=-1)
     for n_ctx in (0, 4):  # word init: the learnable context starts as the template's own words
-        enc = PromptedTextEncoder(tiny.model, tiny.tokenizer, NAMES, template=TEMPLATE, n_ctx=n_ctx)
-        assert torch.allclose(enc(), ref, atol=1e-6)
-    enc = PromptedTextEncoder(tiny.model, tiny.tokenizer, NAMES, template=TEMPLATE, n_ctx=2, init="random")
-    assert not torch.allclose(enc(), ref, atol=1e-3)
-    enc().sum().backward()
+        enc = PromptedTeacher(tiny.model, tiny.tokenizer, NAMES, template=TEMPLATE, n_ctx=n_ctx)
+        assert torch.allclose(enc.class_vectors(), ref, atol=1e-6)
+    enc = PromptedTeacher(tiny.model, tiny.tokenizer, NAMES, template=TEMPLATE, n_ctx=2, init="random")
+    assert not torch.allclose(enc.class_vectors(), ref, atol=1e-3)
+    enc.class_vectors().sum().backward()
     assert enc.ctx.grad is not None and enc.ctx.grad.abs().sum() > 0
     assert all(p.grad is None for p in tiny.model.parameters())  # the CLIP stays frozen
 
 
 def test_text_prompt_errors(tiny):
     with pytest.raises(ValueError, match="only 5 tokens before the class name"):
-        PromptedTextEncoder(tiny.model, tiny.tokenizer, NAMES, template=TEMPLATE, n_ctx=6)
+        PromptedTeacher(tiny.model, tiny.tokenizer, NAMES, template=TEMPLATE, n_ctx=6)
     with pytest.raises(ValueError, match="must contain"):
-        PromptedTextEncoder(tiny.model, tiny.tokenizer, NAMES, template="a photo", n_ctx=1)
+        PromptedTeacher(tiny.model, tiny.tokenizer, NAMES, template="a photo", n_ctx=1)
 
 
 @pytest.mark.parametrize("location", ["middle", "append"])
@@ -131,8 +132,8 @@ def test_prompt_wrappers_reproduce_a_real_vit_b32_exactly(vit_b32):
             assert torch.equal(PromptedVisionEncoder(m.visual, n_tokens=0, location=location)(x), m.encode_image(x))
         names = ["dog", "clip art"]
         ref = F.normalize(m.encode_text(vit_b32.tokenizer([f"a photo of a {n}." for n in names])), dim=-1)
-        enc = PromptedTextEncoder(m, vit_b32.tokenizer, names, template="a photo of a {}.", n_ctx=4)
-        assert torch.allclose(enc(), ref, atol=1e-6)
+        enc = PromptedTeacher(m, vit_b32.tokenizer, names, template="a photo of a {}.", n_ctx=4)
+        assert torch.allclose(enc.class_vectors(), ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("location", ["middle", "append"])

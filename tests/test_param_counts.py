@@ -6,6 +6,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_params
 from pipeline.methods.param_counts import method_parameter_counts
+from pipeline.methods.prompt_kinds import KINDS
 
 B16, L14 = "ViT-B-16-quickgelu", "ViT-L-14-quickgelu"
 
@@ -16,13 +17,15 @@ def base():
 
 
 def _counts(base, method, teacher, student=B16, **overrides):
-    """Counts for ``method``; ``overrides`` are ``<block>__<key>`` with block prompts, ekda, dapl or promptkd."""
+    """Counts for ``method``; ``overrides`` are ``<block>__<key>`` with block prompts, a prompt kind (e.g. coop), ekda,
+    dapl or promptkd."""
     p = copy.deepcopy(base)
     p["distill"]["method"] = method
     p["model"]["teacher"]["name"], p["model"]["student"]["name"] = teacher, student
     for key, value in overrides.items():
         block, name = key.split("__")
-        (p["prompts"] if block == "prompts" else p["distill"][block])[name] = value
+        target = p["prompts"] if block == "prompts" else p["prompts"][block] if block in KINDS else p["distill"][block]
+        target[name] = value
     return {r["part"].split(" ")[0]: r for r in method_parameter_counts(p)}
 
 
@@ -41,8 +44,18 @@ def test_ekda_default_four_tokens_matches_the_spec(base):
 def test_promptkd_student_and_coop_teacher_match_the_spec(base):
     rows = _counts(base, "promptkd", L14)  # defaults: 4 tokens, append, depth 9
     assert rows["student"]["trainable"] == 1_013_760  # 4x768x9 + 986,112
-    coop = _counts(base, "promptkd", B16, prompts__n_ctx=16)
-    assert coop["teacher"]["trainable"] == 8_192  # CoOp M=16 on ViT-B/16
+
+
+@pytest.mark.parametrize("kind, overrides, expected", [
+    ("coop", {"coop__n_ctx": 16, "coop__class_specific": False}, 8_192),  # M = 16 x 512
+    ("cocoop", {}, 35_360),       # n = 4: 2,048 context + 33,312 meta-net 512 -> 32 -> 512
+    ("maple", {}, 3_555_072),     # 1,024 + 8 x 2 x 512 deep text + 9 x Linear(512 -> 768)
+    ("promptsrc", {"prompts__text_weight": 25.0}, 46_080),  # IVLP 4 + 4, depth 9: 9 x 4 x (512 + 768)
+])
+def test_teacher_prompt_kinds_match_the_spec_on_vit_b16(base, kind, overrides, expected):
+    rows = _counts(base, "promptkd", B16, prompts__kind=kind, **overrides)  # the kinds' defaults are the originals'
+    assert rows["teacher"]["trainable"] == rows["teacher"]["stored"] == expected
+    assert f"({kind}," in rows["teacher"]["part"]
 
 
 def test_dapl_matches_the_spec(base):
@@ -59,6 +72,9 @@ def test_info_command_prints_the_table(capsys):
     assert "method dapl" in out and "24,576" in out
     assert main(["info", "-S", "distill.ekda.n_tokens"]) == 1
     assert "expected key=value" in capsys.readouterr().err
+    assert main(["info", "--params", "configs/digits_clip.yaml", "--teacher", B16, "-S", "prompts.kind=maple"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher source prompts (maple, prompts stage)" in out and "3,555,072" in out
     assert main(["info", "-S", "distill.ekda.n_tokens=many"]) == 1
     assert "distill.ekda.n_tokens: expected an integer" in capsys.readouterr().err
 

@@ -204,13 +204,11 @@ def test_cmkd_resumes_exactly_mid_pass(student, digits_shards, tmp_path, rst, mo
 
 
 def test_source_prompts_with_gpa_resume_exactly(teacher, digits_shards, tmp_path, monkeypatch, caplog):
-    config = dict(template=TEMPLATE, n_ctx=2, init="word", class_specific=False, visual_tokens=0,
-                  visual_location="middle", text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=2.0,
-                  gpa_std=1.0)
+    config = dict(text_weight=0.0, image_weight=0.0, kl_weight=0.0, gpa_mean=2.0, gpa_std=1.0)
 
     def run(path):  # cached features: batches come from a seeded generator that spans the epochs
         return train_source_prompts(teacher_model=teacher, classnames=NAMES, shard_dir=digits_shards["usps"],
-                                    config=config, zs_text=None, epochs=EPOCHS, batch_size=16, lr=0.5, momentum=0.9,
+                                    architecture=dict(template=TEMPLATE, n_ctx=2), config=config, zs_text=None, epochs=EPOCHS, batch_size=16, lr=0.5, momentum=0.9,
                                     weight_decay=0.0, seed=0, device="cpu", checkpoint_path=path)
 
     full = run(None)

@@ -201,14 +201,19 @@ def test_promptkd_bundles_predict_export_and_reproduce_the_evaluation(smoke, tmp
     _check_bundles(workdir, tmp_path, monkeypatch, "promptkd")
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("ekda", []),
-    ("dapl", []),
+@pytest.mark.parametrize("method, kind", [
+    ("ekda", "vpt"),     # the teacher rows of evaluate come from a VPT source teacher
+    ("dapl", "ivlp"),    # DAPL's target features come through an IVLP teacher's visual prompts, and ship with it
+    ("pda", "maple"),
 ])
-def test_every_method_runs_through_dvc(smoke, method, extra, tmp_path, monkeypatch):
+def test_every_method_runs_through_dvc(smoke, method, kind, tmp_path, monkeypatch):
+    """Each method, and with it another source-prompt kind (both re-run from the prompts stage on)."""
     workdir, baseline = smoke
-    out = dvc(["exp", "run", "-S", f"distill.method={method}", "-S", "distill.epochs=2", *extra], workdir=workdir)
-    assert _ran(out, ["validate", "distill", "evaluate", "report"])
+    out = dvc(["exp", "run", "-S", f"distill.method={method}", "-S", "distill.epochs=2", "-S", f"prompts.kind={kind}",
+               "-S", "prompts.epochs=2"], workdir=workdir)
+    assert _ran(out, ["validate", "prompts", "features", "distill", "evaluate", "report"])
+    meta = json.loads((workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "meta.json").read_text())
+    assert meta["prompt_kind"] == kind and meta["visual_prompts"]
     results = json.loads((workdir / "results" / "report" / "results.json").read_text())
     assert _summary(workdir)["method"] == method
     zero_shot = baseline["mean"]["zeroshot_teacher"]["target"]["acc"]
@@ -249,16 +254,31 @@ def test_cmkd_variants_run_through_dvc(smoke, variant, tmp_path, monkeypatch):
     _check_bundles(workdir, tmp_path, monkeypatch, f"cmkd-{variant}")
 
 
-def test_source_prompt_variants_run_through_dvc(smoke):
-    """Visual prompts + SCL + GPA re-run the prompts stage and everything after it; ND loss, kNN refinement."""
+def test_promptsrc_teacher_runs_through_dvc(smoke):
+    """PromptSRC (IVLP + SCL + GPA) re-runs the prompts stage and everything after it; ND loss, kNN refinement."""
     workdir, _ = smoke
-    out = dvc(["exp", "run", "-S", "distill.method=promptkd", "-S", "distill.epochs=2", "-S", "prompts.epochs=4", "-S", "prompts.visual_tokens=2",
-               "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1", "-S", "prompts.gpa_mean=3",
-               "-S", "distill.promptkd.loss.name=nd", "-S", "distill.refine_knn=5"],  # ND reads the prompted features
-              workdir=workdir)
+    out = dvc(["exp", "run", "-S", "distill.method=promptkd", "-S", "distill.epochs=2", "-S", "prompts.epochs=4",
+               "-S", "prompts.kind=promptsrc", "-S", "prompts.text_weight=25", "-S", "prompts.kl_weight=1",
+               "-S", "prompts.gpa_mean=3", "-S", "distill.promptkd.loss.name=nd", "-S", "distill.refine_knn=5"],
+              workdir=workdir)  # ND reads the prompted features
     assert _ran(out, ["validate", "prompts", "features", "distill", "evaluate", "report"])
     log = json.loads((workdir / "models" / "students" / "usps_to_mnist" / "train_log.json").read_text())
     assert (log["loss"], log["refine_knn"], len(log["epochs"])) == ("nd", 5, 2)
     meta = json.loads((workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "meta.json").read_text())
     assert meta["visual_prompts"] and meta["gpa"] and meta["teacher_rows"] == 1
     assert (workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "target_features.npy").is_file()
+
+
+def test_cocoop_teacher_distils_through_dvc(smoke):
+    """A CoCoOp teacher (class vectors per image): its logits are per image, the student gets the vectors
+    conditioned on the mean target image."""
+    workdir, baseline = smoke
+    out = dvc(["exp", "run", "-S", "prompts.kind=cocoop", "-S", "prompts.epochs=4", "-S", "distill.epochs=2"],
+              workdir=workdir)
+    assert _ran(out, ["validate", "prompts", "features", "distill", "evaluate", "report"])
+    task = workdir / "data" / "features" / "tasks" / "usps_to_mnist"
+    meta = json.loads((task / "meta.json").read_text())
+    assert (meta["prompt_kind"], meta["teacher_rows"], meta["visual_prompts"]) == ("cocoop", 1, False)
+    results = json.loads((workdir / "results" / "report" / "results.json").read_text())
+    teacher = results["mean"]["source_teacher"]["target"]["acc"]
+    assert teacher > CHANCE + 20 and results["mean"]["student"]["target"]["acc"] > CHANCE + 20

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from pipeline.data.shards import image_loader, shard_keys
 from pipeline.io import atomic_write
 from pipeline.models.factory import LoadedModel, autocast
-from pipeline.models.prompted import PromptedTeacher
+from pipeline.models.teacher_prompts import PromptedTeacher
 from pipeline.progress import progress
 
 FAISS_INDEXES = ("flat_ip",)
@@ -84,6 +84,26 @@ def prompted_vectors(teacher: PromptedTeacher, states: list[dict[str, torch.Tens
         with autocast(precision, device):
             out.append(teacher.class_vectors().float().cpu())
     return torch.stack(out).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def conditional_logits(teacher: PromptedTeacher, features: np.ndarray, logit_scale: float, *, precision: str,
+                       device: str, batch_size: int) -> np.ndarray:
+    """Logits [N, C] of a teacher whose class vectors depend on the image (CoCoOp), ``batch_size`` images
+    (times C prompts) per text-tower pass."""
+    out = []
+    for chunk in torch.split(torch.from_numpy(features), batch_size):
+        with autocast(precision, device):
+            out.append(teacher.logits(chunk.to(device), logit_scale).float().cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def mean_conditioned_vectors(teacher: PromptedTeacher, features: np.ndarray, *, device: str) -> np.ndarray:
+    """One fixed [C, D] classifier from a CoCoOp teacher, for a student that needs class vectors: its
+    class vectors conditioned on the normalised mean of ``features`` (the domain's mean image)."""
+    mean = F.normalize(torch.from_numpy(features).float().mean(0, keepdim=True), dim=-1).to(device)
+    return teacher.class_vectors(mean)[0].float().cpu().numpy().astype(np.float32)
 
 
 def logits(features: np.ndarray, class_vectors: np.ndarray, logit_scale: float) -> np.ndarray:

@@ -31,7 +31,7 @@ from pipeline.io import load_checkpoint
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.classifiers import CosineClassifier
-from pipeline.methods.shared import EndlessBatches, KeyedRows, train_views
+from pipeline.methods.shared import EndlessBatches, KeyedRows, build_teacher, train_views
 from pipeline.methods.training import Prediction, Step, fit, seeded, sgd_with_cosine
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.prompted import PromptTokens, PromptedVisionEncoder, own_parameters, own_state
@@ -203,7 +203,10 @@ def run(job: TaskJob) -> MethodResult:
     if job.meta["visual_prompts"]:  # the target features came through the source teacher's visual prompts:
         prompt = load_checkpoint(job.artifacts.prompts(job.name).prompt, what="the prompts stage's prompt.pt",
                                  fix="re-create it with `dvc repro prompts`")  # the shipped model needs them too
-        result.state["teacher_vision"] = {"prompts": prompt["reported"]["vision.prompts"]}
+        source_teacher = build_teacher(teacher, job.classnames, prompt["config"])
+        source_teacher.load_trainable_state(prompt["reported"])
+        with torch.no_grad():  # per layer, after any text-to-visual projection (MaPLe): fixed tensors from now on
+            result.state["teacher_vision"] = {"prompts": source_teacher.layer_visual_prompts().cpu()}
         result.checkpoint["teacher_vision"] = {"location": prompt["config"]["visual_location"]}
     return result
 

@@ -45,25 +45,25 @@ def count(module: torch.nn.Module, trainable: list[torch.nn.Parameter], frozen: 
             "stored": sum(v.numel() for v in own_entries(module, frozen).values())}
 
 
-def teacher_prompt_counts(params: dict[str, Any], n_classes: int, config: dict[str, Any]) -> dict[str, int]:
-    """Counts of the prompted teacher that ``config`` (the prompt-construction keys) describes."""
+def teacher_prompt_counts(params: dict[str, Any], n_classes: int, architecture: dict[str, Any]) -> dict[str, int]:
+    """Counts of the prompted teacher that ``architecture`` (:class:`PromptedTeacher` keywords) describes."""
     from pipeline.methods.shared import make_teacher
 
     name = params["model"]["teacher"]["name"]
     clip = meta_model(name)
-    config = {**config, "template": " ".join(["X"] * config["n_ctx"]) + " {}."}  # counts ignore the words
+    architecture = {**architecture, "template": " ".join(["X"] * architecture["n_ctx"]) + " {}."}  # words don't count
     with torch.device("meta"):
-        teacher = make_teacher(clip, meta_tokenizer(name), CLASS_NAMES * n_classes, config)
+        teacher = make_teacher(clip, meta_tokenizer(name), CLASS_NAMES * n_classes, architecture)
     return count(teacher, teacher.trainable_parameters(), clip)
 
 
 def source_prompt_row(params: dict[str, Any], n_classes: int) -> dict[str, Any]:
     """The prompts stage's teacher (source prompts), as a row."""
-    from pipeline.methods.shared import TEACHER_KEYS
+    from pipeline.methods.prompt_kinds import teacher_architecture
 
-    config = {k: params["prompts"][k] for k in TEACHER_KEYS}
-    return {"part": "teacher source prompts (prompts stage)", "model": params["model"]["teacher"]["name"],
-            **teacher_prompt_counts(params, n_classes, config)}
+    kind = params["prompts"]["kind"]
+    return {"part": f"teacher source prompts ({kind}, prompts stage)", "model": params["model"]["teacher"]["name"],
+            **teacher_prompt_counts(params, n_classes, teacher_architecture(params["prompts"]))}
 
 
 def method_parameter_counts(params: dict[str, Any], *, n_classes: int = 10) -> list[dict[str, Any]]:

@@ -17,10 +17,9 @@ from pipeline.data.shards import image_loader
 from pipeline.data.transforms import train_transform
 from pipeline.features.cache import encode_shards
 from pipeline.models.factory import LoadedModel
-from pipeline.models.prompted import PromptedStudent, PromptedTeacher
+from pipeline.models.prompted import PromptedStudent
+from pipeline.models.teacher_prompts import PromptedTeacher
 from pipeline.methods.training import seeded
-
-TEACHER_KEYS = ("template", "n_ctx", "init", "class_specific", "visual_tokens", "visual_location")
 
 
 class KeyedRows:
@@ -55,15 +54,14 @@ def build_student(student_model: LoadedModel, *, teacher_dim: int, n_tokens: int
                             location=location, depth=depth).to(device)
 
 
-def make_teacher(clip: nn.Module, tokenizer, classnames: list[str], config: dict[str, Any]) -> PromptedTeacher:
-    """The prompted teacher described by ``config`` (the :data:`TEACHER_KEYS` of the prompts params)."""
-    return PromptedTeacher(clip, tokenizer, classnames, template=config["template"], n_ctx=config["n_ctx"],
-                           init=config["init"], class_specific=config["class_specific"],
-                           visual_tokens=config["visual_tokens"], visual_location=config["visual_location"])
+def make_teacher(clip: nn.Module, tokenizer, classnames: list[str], architecture: dict[str, Any]) -> PromptedTeacher:
+    """The prompted teacher ``architecture`` describes (:class:`PromptedTeacher` keywords: a prompt kind's,
+    :func:`pipeline.methods.prompt_kinds.teacher_architecture`, or EKDA's teacher)."""
+    return PromptedTeacher(clip, tokenizer, classnames, **architecture)
 
 
-def build_teacher(model: LoadedModel, classnames: list[str], config: dict[str, Any]) -> PromptedTeacher:
-    return make_teacher(model.model, model.tokenizer, classnames, config)
+def build_teacher(model: LoadedModel, classnames: list[str], architecture: dict[str, Any]) -> PromptedTeacher:
+    return make_teacher(model.model, model.tokenizer, classnames, architecture)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Source prompt pretraining of the teacher: text context (CoOp), shallow visual prompts (VPT), or both.
+"""Source prompt pretraining of the teacher: any kind of :mod:`pipeline.methods.prompt_kinds` (CoOp, CoCoOp,
+VPT, IVLP, MaPLe, PromptSRC), CE on the labelled source.
 
 Optional PromptSRC-style self-regularisation (SCL) ties the prompted teacher to the frozen zero-shot
 model: L1 to the zero-shot text vectors (a template ensemble) and image features, and KL_numel to the
@@ -7,8 +8,8 @@ N(epoch; mean, std). The same teacher step serves EKDA (:mod:`pipeline.methods.e
 
 With text prompts only and ``augment: none``, the image encoder is frozen and images get the model's
 deterministic eval transform, so the source image features are computed once and every step only runs the
-text tower over the C class prompts. A train view (``augment: dassl``, CoOp's random crop and flip) or
-visual prompts make every step encode its images.
+text tower over the C class prompts (B x C prompts for CoCoOp, whose context depends on the image). A train
+view (``augment: dassl``, CoOp's random crop and flip) or visual prompts make every step encode its images.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def teacher_step_loss(logits: torch.Tensor, labels: torch.Tensor, *, text: torch
     ``text``/``image`` are the prompted (normalised) class vectors and image features; ``zs_*`` their frozen
     zero-shot counterparts (needed only when a weight is > 0). L1 is the element mean, as in PromptSRC.
     """
+    if text.dim() == 3 and zs_text is not None:  # CoCoOp: class vectors per image, [B, C, D]
+        zs_text = zs_text.unsqueeze(0).expand_as(text)
     loss = F.cross_entropy(logits.float(), labels)
     parts = {"ce": loss.item()}
     if (text_weight or kl_weight) and zs_text is None or (image_weight or kl_weight) and zs_image is None:
@@ -45,7 +48,7 @@ def teacher_step_loss(logits: torch.Tensor, labels: torch.Tensor, *, text: torch
     if image_weight:
         terms["l1_image"] = (image_weight, F.l1_loss(image.float(), zs_image.float()))
     if kl_weight:
-        zs_logits = scale * zs_image.float() @ zs_text.float().t()
+        zs_logits = scale * torch.einsum("bd,...cd->bc", zs_image.float(), zs_text.float())
         terms["kl_zeroshot"] = (kl_weight, kl_divergence(logits, zs_logits, reduction="numel"))
     for name, (weight, value) in terms.items():
         loss = loss + weight * value
@@ -81,22 +84,22 @@ def _cached_batches(feats, labels, batch_size, generator) -> Iterator[tuple[None
 
 
 def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], shard_dir: str | Path,
-                         config: dict[str, Any], zs_text: torch.Tensor | None, epochs: int, batch_size: int,
+                         architecture: dict[str, Any], config: dict[str, Any], zs_text: torch.Tensor | None, epochs: int, batch_size: int,
                          lr: float, momentum: float, weight_decay: float, seed: int, device: str,
                          num_workers: int = 0, deterministic: bool = True, checkpoint_path: str | Path | None = None
                          ) -> dict[str, Any]:
     """Learn the teacher's prompts on labelled source shards.
 
-    ``config`` holds :data:`TEACHER_KEYS` plus ``augment`` (a train transform kind; absent: none),
-    ``text_weight``, ``image_weight``, ``kl_weight``,
+    ``architecture``: the teacher's :class:`pipeline.models.teacher_prompts.PromptedTeacher` keywords;
+    ``config`` holds ``augment`` (a train transform kind; absent: none), ``text_weight``, ``image_weight``, ``kl_weight``,
     ``gpa_mean`` (0: off) and ``gpa_std``. Returns per-epoch trainable states, the reported state (GPA
     aggregate or last epoch) and a log. ``checkpoint_path``: the run's snapshot, resumed from when it exists
     (:func:`pipeline.methods.training.fit`).
     """
     model, precision, scale = teacher_model.model.to(device), teacher_model.spec.precision, teacher_model.logit_scale
     with seeded(seed, deterministic=deterministic) as generator:
-        teacher = build_teacher(teacher_model, classnames, config).to(device)
-    visual = teacher.vision is not None
+        teacher = build_teacher(teacher_model, classnames, architecture).to(device)
+    visual = teacher.prompted_vision
     augment = config.get("augment", "none")
     cached = not visual and augment == "none"
     zs_text = zs_text.to(device) if zs_text is not None else None
@@ -122,7 +125,6 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
         images, image_feats, y = batch
         y = y.to(device)
         with autocast(precision, device):
-            text = teacher.class_vectors()
             if visual:
                 images = images.to(device)
                 image_feats = teacher.image_features(images)
@@ -135,7 +137,8 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
                     with torch.no_grad():
                         image_feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
                 zs_image = image_feats
-            logits = scale * image_feats.float() @ text.float().t()
+            text = teacher.class_vectors(image_feats if teacher.conditional else None)
+            logits = teacher.logits(image_feats, scale, class_vectors=text)
         loss, _ = teacher_step_loss(logits, y, text=text, image=image_feats, zs_text=zs_text, zs_image=zs_image,
                                     scale=scale, **weights)
         seen[it.epoch] = seen.get(it.epoch, 0) + len(y)

@@ -1,16 +1,15 @@
 """Learnable prompts injected into a frozen open_clip ViT, without copying its transformer.
 
-* :class:`PromptedTextEncoder`: CoOp-style context. The prompt of class ``c`` is ``template.format(c)``; the
-  first ``n_ctx`` tokens after the start token become learnable vectors, initialised from their word
-  embeddings (``init="word"``) or N(0, 0.02) (``init="random"``, the CDU/EKDA overwrite); shared by all
-  classes, or one context per class (``class_specific``, CoOp's CSC).
+* :class:`PromptTokens`: tokenised prompts whose tokens 1..n_ctx are replaced by given context vectors (and,
+  with deep prompts, again at the input of later text layers); the teacher
+  (:mod:`pipeline.models.teacher_prompts`) and DAPL own the contexts.
 * :class:`PromptedVisionEncoder`: ``n_tokens`` visual prompt tokens added after the positional embedding and
   before ``ln_pre``, inserted after the class token (``location="middle"``, VPT/EKDA) or after the patches
   (``"append"``, IVLP/PromptKD); with ``depth > 1`` the prompt tokens are replaced by fresh learnable ones at
   the input of layers 2..depth (deep prompts).
 * :class:`Projector`: the two-layer map from the student's embedding width to the teacher's.
 
-With zero prompts both encoders reproduce the plain open_clip outputs exactly (tested).
+With zero prompts both reproduce the plain open_clip outputs exactly (tested).
 """
 from __future__ import annotations
 
@@ -26,8 +25,8 @@ LOCATIONS = ("middle", "append")   # visual prompts after the class token (VPT) 
 class PromptTokens(nn.Module):
     """Tokenised prompts (one per row) whose tokens 1..n_ctx are replaced by given context vectors.
 
-    Holds no learnable parameters: :class:`PromptedTextEncoder` and DAPL's prompt learner own the contexts
-    and call :meth:`encode`.
+    Holds no learnable parameters: the teacher and DAPL's prompt learner own the contexts and call
+    :meth:`encode`.
     """
 
     def __init__(self, clip: nn.Module, tokenizer, prompts: list[str], *, n_ctx: int, prefix: str):
@@ -47,19 +46,39 @@ class PromptTokens(nn.Module):
         with torch.no_grad():
             return self.clip.token_embedding(self.tokens[:1, 1:1 + self.n_ctx])[0].float()
 
-    def encode(self, ctx: torch.Tensor) -> torch.Tensor:
-        """L2-normalised text vectors [P, embed_dim]; ``ctx`` is [n_ctx, width] (shared) or [P, n_ctx, width]."""
+    def encode(self, ctx: torch.Tensor, deep: torch.Tensor | None = None, *, repeat: int = 1) -> torch.Tensor:
+        """L2-normalised text vectors [repeat * P, embed_dim].
+
+        ``ctx`` is [n_ctx, width] (shared) or [repeat * P, n_ctx, width] (one per row); ``deep`` [k, n_ctx, width]
+        replaces the context positions at the input of layers 2..k+1 (deep prompts, IVLP/MaPLe); ``repeat``
+        encodes the prompts that many times over (CoCoOp: once per image, rows image-major).
+        """
         clip = self.clip
         cast_dtype = clip.transformer.get_cast_dtype()
-        x = clip.token_embedding(self.tokens).to(cast_dtype)
-        if self.n_ctx:
+        tokens = self.tokens.repeat(repeat, 1) if repeat > 1 else self.tokens
+        x = clip.token_embedding(tokens).to(cast_dtype)
+        n = self.n_ctx
+        if n:
             ctx = ctx.to(cast_dtype)
             ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], ctx, x[:, 1 + self.n_ctx:]], dim=1)
+            x = torch.cat([x[:, :1], ctx, x[:, 1 + n:]], dim=1)
         x = x + clip.positional_embedding.to(cast_dtype)
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        if deep is None or not n:
+            x = clip.transformer(x, attn_mask=clip.attn_mask)
+        else:
+            batch_first = getattr(clip.transformer, "batch_first", True)
+            x = x if batch_first else x.transpose(0, 1)
+            for i, block in enumerate(clip.transformer.resblocks):
+                if 0 < i <= len(deep):
+                    p = deep[i - 1].to(cast_dtype).unsqueeze(0).expand(x.shape[0 if batch_first else 1], -1, -1)
+                    if batch_first:
+                        x = torch.cat([x[:, :1], p, x[:, 1 + n:]], dim=1)
+                    else:
+                        x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n:]], dim=0)
+                x = block(x, attn_mask=clip.attn_mask)
+            x = x if batch_first else x.transpose(0, 1)
         x = clip.ln_final(x)
-        x = text_global_pool(x, self.tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
         return F.normalize(x.float(), dim=-1)
 
@@ -67,29 +86,6 @@ class PromptTokens(nn.Module):
 def check_template(template: str) -> None:
     if "{}" not in template:
         raise ValueError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
-
-
-class PromptedTextEncoder(nn.Module):
-    """Class text vectors of a frozen open_clip text tower with a learnable (CoOp) context."""
-
-    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], *, template: str, n_ctx: int,
-                 init: str = "word", init_std: float = 0.02, class_specific: bool = False):
-        super().__init__()
-        if init not in PROMPT_INITS:
-            raise ValueError(f"prompt init {init!r} is not one of {PROMPT_INITS}")
-        check_template(template)
-        self.prompts = PromptTokens(clip, tokenizer, [template.format(name) for name in classnames], n_ctx=n_ctx,
-                                    prefix=template.split("{}")[0])
-        self.n_ctx = n_ctx
-        words = self.prompts.word_embeddings()
-        ctx = words.clone() if init == "word" else torch.randn_like(words) * init_std
-        if class_specific:  # [C, n_ctx, width]: every class starts from the same context
-            ctx = ctx.unsqueeze(0).repeat(len(classnames), 1, 1)
-        self.ctx = nn.Parameter(ctx)
-
-    def forward(self) -> torch.Tensor:
-        """L2-normalised class text vectors, shape [C, embed_dim]."""
-        return self.prompts.encode(self.ctx)
 
 
 class PromptedVisionEncoder(nn.Module):
@@ -110,32 +106,40 @@ class PromptedVisionEncoder(nn.Module):
         width = visual.conv1.out_channels
         self.prompts = nn.Parameter(torch.randn(depth, n_tokens, width) * init_std)
 
-    def _prompt_slice(self, seq_len: int) -> slice:
-        n = self.n_tokens
-        return slice(1, 1 + n) if self.location == "middle" else slice(seq_len - n, seq_len)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings (not normalised), shape [B, embed_dim]."""
-        v = self.visual
-        x = v.conv1(images)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        x = v.patch_dropout(x)
-        if self.n_tokens:
-            p = self.prompts[0].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            x = torch.cat([x[:, :1], p, x[:, 1:]] if self.location == "middle" else [x, p], dim=1)
-        x = v.ln_pre(x)
-        where = self._prompt_slice(x.shape[1])
-        batch_first = getattr(v.transformer, "batch_first", True)
-        for i, block in enumerate(v.transformer.resblocks):
-            if self.n_tokens and 0 < i < self.depth:
-                p = self.prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-                x = torch.cat([x[:, :where.start], p, x[:, where.stop:]], dim=1)
-            x = block(x if batch_first else x.transpose(0, 1), attn_mask=None)
-            x = x if batch_first else x.transpose(0, 1)
-        pooled, _ = v._pool(x)
-        return pooled @ v.proj if v.proj is not None else pooled
+        return encode_with_prompts(self.visual, images, self.prompts if self.n_tokens else None, self.location)
+
+
+def encode_with_prompts(visual: nn.Module, images: torch.Tensor, prompts: torch.Tensor | None,
+                        location: str) -> torch.Tensor:
+    """Image embeddings (not normalised) [B, embed_dim] of an open_clip ViT with visual prompt tokens.
+
+    ``prompts`` [depth, n, width]: layer 1's tokens are added after the positional embedding and before
+    ``ln_pre`` (after the class token for ``middle``, after the patches for ``append``); those of layers
+    2..depth replace them at the input of that layer. None: the plain encoder.
+    """
+    v = visual
+    x = v.conv1(images)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+    x = v.patch_dropout(x)
+    n = 0 if prompts is None else prompts.shape[1]
+    if n:
+        p = prompts[0].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = torch.cat([x[:, :1], p, x[:, 1:]] if location == "middle" else [x, p], dim=1)
+    x = v.ln_pre(x)
+    start = 1 if location == "middle" else x.shape[1] - n
+    batch_first = getattr(v.transformer, "batch_first", True)
+    for i, block in enumerate(v.transformer.resblocks):
+        if n and 0 < i < len(prompts):
+            p = prompts[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :start], p, x[:, start + n:]], dim=1)
+        x = block(x if batch_first else x.transpose(0, 1), attn_mask=None)
+        x = x if batch_first else x.transpose(0, 1)
+    pooled, _ = v._pool(x)
+    return pooled @ v.proj if v.proj is not None else pooled
 
 
 class Projector(nn.Module):
@@ -177,42 +181,6 @@ class PromptedStudent(nn.Module):
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         load_own_state(self, self.encoder.visual, state)
-
-
-class PromptedTeacher(nn.Module):
-    """A frozen CLIP with a learnable text context and optional shallow visual prompts (CoOp, VPT, both).
-
-    ``n_ctx=0`` keeps the plain template (visual prompts only); ``visual_tokens=0`` keeps the plain image
-    encoder (text prompts only, CoOp).
-    """
-
-    def __init__(self, clip: nn.Module, tokenizer, classnames: list[str], *, template: str, n_ctx: int,
-                 init: str = "word", class_specific: bool = False, visual_tokens: int = 0,
-                 visual_location: str = "middle"):
-        super().__init__()
-        self.clip = clip
-        self.text = PromptedTextEncoder(clip, tokenizer, classnames, template=template, n_ctx=n_ctx, init=init,
-                                        class_specific=class_specific)
-        self.vision = (PromptedVisionEncoder(clip.visual, n_tokens=visual_tokens, location=visual_location)
-                       if visual_tokens else None)
-
-    def class_vectors(self) -> torch.Tensor:
-        """L2-normalised class text vectors [C, D]."""
-        return self.text()
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features [B, D], through the visual prompts when there are any."""
-        out = self.vision(images) if self.vision is not None else self.clip.encode_image(images)
-        return F.normalize(out.float(), dim=-1)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return own_parameters(self, self.clip)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        return own_state(self, self.clip)
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        load_own_state(self, self.clip, state)
 
 
 def _frozen_ids(frozen: nn.Module) -> set[int]:
