@@ -18,7 +18,7 @@ from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_classes
 from pipeline.features.cache import zero_shot_vectors
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
-from pipeline.methods.prompt_kinds import teacher_architecture
+from pipeline.methods.prompt_kinds import teacher_architecture, training_settings
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.factory import load_model
 from pipeline.orchestration.stage import (checked_model_spec, record_run, run_stage_items, shard_dir,
@@ -31,7 +31,7 @@ STAGE = "prompts"
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
     pr, rt = params["prompts"], params["runtime"]
-    architecture = teacher_architecture(pr)
+    architecture, training = teacher_architecture(pr), training_settings(pr)
     spec = checked_model_spec(params, "teacher")  # before any work
     with atomic_dir(params["paths"]["prompts"]) as tmp:
         def work(name, task, device):
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
                 zs_text = torch.from_numpy(zero_shot_vectors(teacher, classnames, templates, device=device))
             out = train_source_prompts(
                 teacher_model=teacher, classnames=classnames, architecture=architecture, config=pr, zs_text=zs_text,
-                shard_dir=shard_dir(params, task["dataset"], task["source"]), epochs=pr["epochs"],
-                batch_size=pr["batch_size"], lr=pr["lr"], momentum=pr["momentum"], weight_decay=pr["weight_decay"],
+                shard_dir=shard_dir(params, task["dataset"], task["source"]), **training,
+                momentum=pr["momentum"], weight_decay=pr["weight_decay"],
                 seed=params["seed"], device=device, num_workers=rt["num_workers"], deterministic=rt["deterministic"],
                 checkpoint_path=snapshot)
             atomic_torch_save(out_dir.prompt, {

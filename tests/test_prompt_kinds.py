@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from pipeline.config import load_params
 from pipeline.features.cache import conditional_logits, mean_conditioned_vectors
-from pipeline.methods.prompt_kinds import KINDS, teacher_architecture
+from pipeline.methods.prompt_kinds import KINDS, teacher_architecture, training_settings
 from pipeline.methods.source_prompts import train_source_prompts
 from pipeline.models.teacher_prompts import PromptedTeacher
 
@@ -118,3 +118,12 @@ def test_every_kind_builds_from_params_and_trains_on_the_source(teacher, digits_
         assert out["trainable_params"] == sum(v.numel() for v in out["reported"].values()), kind
         rebuilt = PromptedTeacher(teacher.model, teacher.tokenizer, DIGITS, **architecture)
         rebuilt.load_trainable_state(out["reported"])  # the features stage rebuilds it from the stored keywords
+
+
+def test_a_kind_may_carry_its_own_training_settings():
+    office31 = load_params("configs/office31.yaml")["prompts"]  # the PDA repository's per-method values
+    assert training_settings({**office31, "kind": "maple"}) == {"lr": 0.0035, "epochs": 20, "batch_size": 32}
+    assert training_settings({**office31, "kind": "cocoop"}) == {"lr": 0.001, "epochs": 20, "batch_size": 32}
+    assert training_settings({**office31, "kind": "promptsrc"}) == {"lr": 0.0025, "epochs": 20, "batch_size": 4}
+    smoke = load_params("params.yaml")["prompts"]  # no overrides: the shared prompts.lr / epochs / batch_size
+    assert training_settings({**smoke, "kind": "maple"}) == {k: smoke[k] for k in ("lr", "epochs", "batch_size")}
