@@ -52,7 +52,7 @@ def _train_seconds(workdir: Path, stage: str) -> float:
 
 def _back_to_baseline(workdir: Path) -> None:
     """Undo the previous row: `dvc exp run -S` leaves its params and outputs in the workspace."""
-    subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=workdir, check=True)
+    subprocess.run(["git", "checkout", "--", "."], cwd=workdir, check=True)  # params, dvc.lock, metrics
     dvc(["checkout", "--force"], workdir=workdir)
 
 

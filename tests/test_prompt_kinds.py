@@ -127,3 +127,21 @@ def test_a_kind_may_carry_its_own_training_settings():
     assert training_settings({**office31, "kind": "promptsrc"}) == {"lr": 0.0025, "epochs": 20, "batch_size": 4}
     smoke = load_params("params.yaml")["prompts"]  # no overrides: the shared prompts.lr / epochs / batch_size
     assert training_settings({**smoke, "kind": "maple"}) == {k: smoke[k] for k in ("lr", "epochs", "batch_size")}
+
+
+@pytest.mark.parametrize("name, width, visual_width", [("ViT-B-16-quickgelu", 512, 768), ("ViT-L-14-quickgelu", 768, 1024)])
+def test_every_kind_fits_vit_b16_and_l14_widths(name, width, visual_width):
+    """Built with the originals' defaults on the meta device (no weights): shapes through both towers."""
+    from pipeline.methods.param_counts import meta_model, meta_tokenizer
+
+    clip, tokenizer = meta_model(name), meta_tokenizer(name)
+    for kind, spec in KINDS.items():
+        prompts = {"kind": kind, "template": "X " * 16 + "{}.", "init": "random", kind: spec.params.defaults()}
+        with torch.device("meta"):
+            model = PromptedTeacher(clip, tokenizer, DIGITS, **teacher_architecture(prompts))
+            feats = model.image_features(torch.empty(2, 3, 224, 224))
+            vectors = model.class_vectors(feats if model.conditional else None)
+        assert tuple(feats.shape) == (2, width), kind
+        assert tuple(vectors.shape) == ((2, 10, width) if kind == "cocoop" else (10, width)), kind
+        if kind == "maple":
+            assert tuple(model.layer_visual_prompts().shape) == (9, 2, visual_width)

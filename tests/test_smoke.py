@@ -273,7 +273,7 @@ def test_cocoop_teacher_distils_through_dvc(smoke):
     """A CoCoOp teacher (class vectors per image): its logits are per image, the student gets the vectors
     conditioned on the mean target image."""
     workdir, baseline = smoke
-    out = dvc(["exp", "run", "-S", "prompts.kind=cocoop", "-S", "prompts.epochs=4", "-S", "distill.epochs=2"],
+    out = dvc(["exp", "run", "-S", "prompts.kind=cocoop", "-S", "prompts.epochs=2", "-S", "distill.epochs=2"],
               workdir=workdir)
     assert _ran(out, ["validate", "prompts", "features", "distill", "evaluate", "report"])
     task = workdir / "data" / "features" / "tasks" / "usps_to_mnist"
