@@ -77,14 +77,9 @@ def _info(args: argparse.Namespace) -> int:
             parent = parent[part]
         parent[key.split(".")[-1]] = yaml.safe_load(value)
     validate_params(params, source=f"{args.params} with {overrides}")
-    from pipeline.models.factory import LOCAL_DIR
-    from pipeline.orchestration.stage import standin_architectures
+    from pipeline.orchestration.stage import architecture_params
 
-    built_here = standin_architectures(params)  # the stand-ins' architectures, whether trained yet or not
-    for role in ("teacher", "student"):
-        name = params["model"][role]["name"]
-        if name.startswith(LOCAL_DIR) and Path(name[len(LOCAL_DIR):]) in built_here:
-            params["model"][role]["name"] = built_here[Path(name[len(LOCAL_DIR):])]
+    params = architecture_params(params)  # the stand-ins' architectures, whether trained yet or not
     rows = method_parameter_counts(params, n_classes=args.classes)
     width = max(len(r["part"]) for r in rows)
     print(f"method {params['distill']['method']}, {args.classes} classes")

@@ -145,3 +145,16 @@ def test_every_kind_fits_vit_b16_and_l14_widths(name, width, visual_width):
         assert tuple(vectors.shape) == ((2, 10, width) if kind == "cocoop" else (10, width)), kind
         if kind == "maple":
             assert tuple(model.layer_visual_prompts().shape) == (9, 2, visual_width)
+
+
+def test_validate_builds_the_prompts_on_the_meta_device_before_any_work():
+    from pipeline.orchestration.stage import check_architectures
+    from pipeline.schema import ConfigError
+
+    params = load_params("params.yaml")  # stand-ins not built yet: their architectures are used
+    check_architectures(params)
+    params["prompts"]["kind"] = "maple"
+    params["prompts"]["maple"]["depth"] = 9
+    with pytest.raises(ConfigError, match="prompts.maple or distill.promptkd does not fit the models .*"
+                                          "text prompt depth 9 must be between 1 and the model's 2 layers"):
+        check_architectures(params)

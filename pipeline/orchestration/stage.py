@@ -9,6 +9,7 @@ one line and an exit status.
 from __future__ import annotations
 
 import argparse
+import copy
 import fcntl
 import logging
 import os
@@ -19,8 +20,9 @@ from typing import Any, Callable
 from pipeline.artifacts import Artifacts
 from pipeline.command import DEBUG_ENV
 from pipeline.config import load_params, resolve_keys, stage_declaration
+from pipeline.schema import ConfigError
 from pipeline.io import write_run_info
-from pipeline.models.factory import ModelSpec, check_weights_available
+from pipeline.models.factory import LOCAL_DIR, ModelSpec, check_weights_available
 from pipeline.orchestration.devices import visible_devices
 
 #: Set by ``dvc exp run`` for each stage command: the experiment's name.
@@ -171,6 +173,33 @@ def standin_architectures(params: dict[str, Any]) -> dict[Path, str]:
     """{folder: architecture} of the ``local-dir:`` models the ``standins`` stage writes (before it has run)."""
     root = Path(params["paths"]["standins"])
     return {root / name: arch for name, arch in params["standins"]["models"].items()}
+
+
+def architecture_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``params`` naming each stand-in ``local-dir:`` model by its architecture, so that the models
+    can be built on the meta device before the ``standins`` stage has run."""
+    out = copy.deepcopy(params)
+    built_here = standin_architectures(params)
+    for role in ("teacher", "student"):
+        name = out["model"][role]["name"]
+        if name.startswith(LOCAL_DIR) and Path(name[len(LOCAL_DIR):]) in built_here:
+            out["model"][role]["name"] = built_here[Path(name[len(LOCAL_DIR):])]
+    return out
+
+
+def check_architectures(params: dict[str, Any]) -> None:
+    """Build the teacher's source prompts and the method's models on the meta device (no weights, about a
+    second): a prompt depth beyond a model's layers, say, stops the run here, before any data stage."""
+    from pipeline.methods.param_counts import method_parameter_counts, source_prompt_row
+
+    p = architecture_params(params)
+    try:
+        source_prompt_row(p, 10)
+        method_parameter_counts(p)
+    except ValueError as exc:
+        kind, method = p["prompts"]["kind"], p["distill"]["method"]
+        raise ConfigError(f"prompts.{kind} or distill.{method} does not fit the models (teacher "
+                          f"{p['model']['teacher']['name']}, student {p['model']['student']['name']}): {exc}") from None
 
 
 def check_models(params: dict[str, Any]) -> None:
