@@ -67,16 +67,12 @@ class PromptTokens(nn.Module):
             x = clip.transformer(x, attn_mask=clip.attn_mask)
         else:
             batch_first = getattr(clip.transformer, "batch_first", True)
-            x = x if batch_first else x.transpose(0, 1)
-            for i, block in enumerate(clip.transformer.resblocks):
+            for i, block in enumerate(clip.transformer.resblocks):  # x stays [P, L, width] between blocks
                 if 0 < i <= len(deep):
-                    p = deep[i - 1].to(cast_dtype).unsqueeze(0).expand(x.shape[0 if batch_first else 1], -1, -1)
-                    if batch_first:
-                        x = torch.cat([x[:, :1], p, x[:, 1 + n:]], dim=1)
-                    else:
-                        x = torch.cat([x[:1], p.transpose(0, 1), x[1 + n:]], dim=0)
-                x = block(x, attn_mask=clip.attn_mask)
-            x = x if batch_first else x.transpose(0, 1)
+                    p = deep[i - 1].to(cast_dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+                    x = torch.cat([x[:, :1], p, x[:, 1 + n:]], dim=1)
+                x = block(x if batch_first else x.transpose(0, 1), attn_mask=clip.attn_mask)
+                x = x if batch_first else x.transpose(0, 1)
         x = clip.ln_final(x)
         x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         x = clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
