@@ -268,29 +268,6 @@ def test_dapl_bundle_is_the_frozen_encoder_against_the_target_class_vectors(base
         assert torch.allclose(Bundle.read(folder).load().model(x), expected, atol=1e-5)
 
 
-def test_dapl_bundle_carries_the_source_teachers_visual_prompts(base, tmp_path):
-    """When the features stage re-encoded the target through the source teacher's visual prompts, DAPL trained on
-    those features: its bundle carries the prompts and the shipped model encodes through them."""
-    from pipeline.models.prompted import PromptedVisionEncoder
-
-    torch.manual_seed(6)
-    params = _params("dapl")
-    W = F.normalize(torch.randn(10, 32), dim=-1)
-    width = base.model.visual.conv1.out_channels
-    prompts = torch.randn(1, 2, width)
-    state = {"prompts": {"ctx": torch.randn(4, 8)}, "teacher_vision": {"prompts": prompts}}
-    folder = _write(tmp_path / "dapl", _checkpoint("dapl", state, params, base, W, teacher_vision={"location": "middle"}),
-                    params, base)
-    encoder = PromptedVisionEncoder(base.model.visual, n_tokens=2, location="middle")
-    encoder.prompts.data.copy_(prompts)
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        expected = 20.0 * F.normalize(encoder(x), dim=-1) @ W.t()
-        plain = 20.0 * F.normalize(base.model.encode_image(x), dim=-1) @ W.t()
-        found = Bundle.read(folder).load().model(x)
-    assert torch.allclose(found, expected, atol=1e-5) and not torch.allclose(found, plain, atol=1e-3)
-
-
 def test_cli_errors_are_one_line(promptkd_bundle, tmp_path, capsys):
     from pipeline.cli import main
 
