@@ -51,3 +51,11 @@ def test_configs_carry_the_published_settings(fmt, expected):
           for m in ("promptkd", "ekda")}
     assert kd == {"promptkd": (1000.0, "numel"), "ekda": (100.0, "numel")}
     assert params["prompts"]["augment"] == params["distill"]["promptkd"]["augment"] == "dassl"
+
+
+@pytest.mark.parametrize("fmt, expected", [  # confidence, warm-up, switch EPOCH, epochs
+    ("office_home", (0.8, 0, 10, 10)), ("visda", (0.6, 0, 10, 10)), ("office31", (0.9, 1, 0, 20))])
+def test_configs_carry_pdas_per_dataset_settings(fmt, expected):
+    pda = load_params(ROOT / "configs" / f"{fmt}.yaml")["distill"]["pda"]
+    assert (pda["threshold"], pda["warm_up"], pda["switch_epoch"], pda["epochs"]) == expected
+    assert (pda["lr"], pda["batch_size"], pda["augment"], pda["coupled_depth"]) == (0.003, 32, "dassl", 7)

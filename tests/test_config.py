@@ -50,7 +50,7 @@ def test_wrong_type_names_key_value_and_type(params):
 
 def test_unknown_method_lists_allowed_values(params):
     params["distill"]["method"] = "magic"
-    assert "distill.method: expected one of ['promptkd', 'ekda', 'dapl', 'cmkd'], got 'magic'" in _error(params)
+    assert "distill.method: expected one of ['promptkd', 'ekda', 'dapl', 'cmkd', 'pda'], got 'magic'" in _error(params)
 
 
 def test_missing_key(params):

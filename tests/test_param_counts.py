@@ -100,3 +100,10 @@ def test_info_on_the_default_params_before_the_standins_exist(tmp_path, monkeypa
     assert main(["info", "--params", str(params)]) == 0
     out = capsys.readouterr().out
     assert "digits-vit-teacher" in out and "digits-vit-student" in out
+
+
+def test_pda_matches_the_spec_on_vit_b16(base):
+    rows = _counts(base, "pda", B16)  # the PDA repository's defaults: n_ctx 2, every layer, coupled 1..7
+    row = rows["multimodal"]
+    assert row["trainable"] == 3_179_136  # prompts + 7 projections + 6 independent visual prompts + IFT 399,744
+    assert row["stored"] == 3_179_136 + 2 * (2 * 64 + 1)  # + the IFT's BatchNorm statistics; banks excluded

@@ -203,14 +203,14 @@ def test_promptkd_bundles_predict_export_and_reproduce_the_evaluation(smoke, tmp
 
 @pytest.mark.parametrize("method, kind", [
     ("ekda", "vpt"),     # the teacher rows of evaluate come from a VPT source teacher
-    ("dapl", "ivlp"),    # DAPL's target features come through an IVLP teacher's visual prompts, and ship with it
-    ("pda", "maple"),
+    ("dapl", "ivlp"),    # DAPL trains on the frozen CLIP's own features whatever the teacher's visual prompts
+    ("pda", "maple"),    # PDA: its own multimodal prompts, banks and IFT on the teacher CLIP
 ])
 def test_every_method_runs_through_dvc(smoke, method, kind, tmp_path, monkeypatch):
     """Each method, and with it another source-prompt kind (both re-run from the prompts stage on)."""
     workdir, baseline = smoke
-    out = dvc(["exp", "run", "-S", f"distill.method={method}", "-S", "distill.epochs=2", "-S", f"prompts.kind={kind}",
-               "-S", "prompts.epochs=2"], workdir=workdir)
+    out = dvc(["exp", "run", "-S", f"distill.method={method}", "-S", "distill.epochs=2", "-S", "distill.pda.epochs=2",
+               "-S", f"prompts.kind={kind}", "-S", "prompts.epochs=2"], workdir=workdir)
     assert _ran(out, ["validate", "prompts", "features", "distill", "evaluate", "report"])
     meta = json.loads((workdir / "data" / "features" / "tasks" / "usps_to_mnist" / "meta.json").read_text())
     assert meta["prompt_kind"] == kind and meta["visual_prompts"]

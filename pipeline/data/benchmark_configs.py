@@ -60,6 +60,15 @@ PROMPTSRC = {"lr": 0.0025, "batch_size": 4, "epochs": 20}  # its SCL weights are
 PROMPT_EPOCHS = {"office31": 20}  # else 10
 
 
+# PDA's own per-dataset settings (configs/trainers/PDA/*.yaml and its scripts: confidence threshold, warm-up epochs,
+# the 0-based EPOCH of the pseudo-label switch, epochs); lr 0.003 and batch 32 throughout. DomainNet: Office-Home's.
+PDA_COMMON = {"lr": 0.003, "batch_size": 32, "augment": "dassl", "template": TEMPLATE, "coupled_depth": 7}
+_PDA_OFFICE_HOME = {"threshold": 0.8, "warm_up": 0, "switch_epoch": 10, "epochs": 10}
+PDA = {"office_home": _PDA_OFFICE_HOME, "visda": {"threshold": 0.6, "warm_up": 0, "switch_epoch": 10, "epochs": 10},
+       "office31": {"threshold": 0.9, "warm_up": 1, "switch_epoch": 0, "epochs": 20},
+       "domainnet": _PDA_OFFICE_HOME, "mini_domainnet": _PDA_OFFICE_HOME}
+
+
 def _prompt_settings(prompts: dict[str, Any], fmt: str) -> None:
     prompts.update(batch_size=32, epochs=PROMPT_EPOCHS.get(fmt, 10))
     for kind, lr in PROMPT_LR.items():
@@ -84,6 +93,7 @@ def benchmark_params(base: dict[str, Any], fmt: str) -> dict[str, Any]:
     _prompt_settings(params["prompts"], fmt)
     for method in ("promptkd", "ekda", "dapl"):
         params["distill"][method]["augment"] = "dassl"
+    params["distill"]["pda"].update(**PDA_COMMON, **PDA[fmt])
     cmkd = params["distill"]["cmkd"]
     cmkd.update(CMKD_COMMON)
     cmkd.update(copy.deepcopy(CMKD[fmt]))

@@ -4,7 +4,7 @@ Each module ends in ``METHOD = Method(...)`` (:class:`pipeline.methods.base.Meth
 ``distill.<name>`` with the spec's defaults, the models it needs, its training and its parameter counts.
 The source prompt pretraining of the teacher (the ``prompts`` stage) is :mod:`pipeline.methods.source_prompts`.
 """
-from pipeline.methods import cmkd, dapl, ekda, promptkd
+from pipeline.methods import cmkd, dapl, ekda, pda, promptkd
 from pipeline.methods.base import Method
 
 METHODS: dict[str, Method] = {
@@ -12,4 +12,5 @@ METHODS: dict[str, Method] = {
     "ekda": ekda.METHOD,
     "dapl": dapl.METHOD,
     "cmkd": cmkd.METHOD,
+    "pda": pda.METHOD,
 }
