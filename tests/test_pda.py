@@ -156,3 +156,16 @@ def test_pda_bundle_model_reproduces_the_last_predictions(pda_run, teacher, digi
                                               batch_size=32, device="cpu", precision=teacher.spec.precision)
     assert found_keys == result.keys == keys
     np.testing.assert_array_equal(logits.argmax(1).numpy(), result.predictions[-1])
+
+
+def test_pda_bundle_model_exports_with_a_dynamic_batch(pda_run, teacher):
+    from pipeline.student.export import _batch_dim
+
+    job, result, _ = pda_run
+    state = {**result.state, "class_vectors": torch.from_numpy(result.class_vectors)}
+    config = {"logit_scale": job.logit_scale, "base": {"precision": "fp32"}, "method_config": result.checkpoint}
+    model = METHODS["pda"].classifier(state, config, teacher)
+    program = torch.export.export(model, (torch.randn(4, 3, 32, 32),), dynamic_shapes=({0: _batch_dim()},))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), model(x), atol=1e-5)

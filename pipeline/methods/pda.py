@@ -86,7 +86,7 @@ class Ift(nn.Module):
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.pre(x)  # [N, 3D], interleaved as the original's rearrange 'b (d k) -> k b d'
-        return out.view(len(x), -1, 3).unbind(-1)
+        return out.unflatten(-1, (-1, 3)).unbind(-1)  # no len(x): torch.export keeps the batch dynamic
 
     def _aligned(self, feats: torch.Tensor, q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         _, k, v = self._qkv(bank)
