@@ -111,8 +111,7 @@ class PdaModel(nn.Module):
             clip, tokenizer, classnames, template=block["template"], n_ctx=block["n_ctx"], init=block["init"],
             text_depth=block["depth"], visual_location="middle", visual_depth=block["depth"],
             coupled_depth=block["coupled_depth"])
-        dim = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) \
-            else clip.text_projection.out_features
+        dim = self.prompts.embed_dim
         self.ift = Ift(dim, block["ift_scale"])
         spare = self.prompts.visual_prompts  # the original's unused extra independent visual prompt
         self.unused_visual_prompt = nn.Parameter(torch.randn_like(spare[:1]) * 0.02) if spare is not None else None
@@ -169,15 +168,11 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) ->
     return (F.cross_entropy(logits, labels, reduction="none") * mask).sum() / mask.sum()
 
 
-def make_model(clip: nn.Module, tokenizer, classnames: list[str], block: dict[str, Any]) -> PdaModel:
-    return PdaModel(clip, tokenizer, classnames, block)
-
-
 def run(job: TaskJob) -> MethodResult:
     block, device, base = job.block, job.device, job.models["teacher"]
     clip, scale, precision = base.model.to(device), job.logit_scale, base.spec.precision
     with seeded(job.seed, deterministic=job.deterministic):
-        model = make_model(clip, base.tokenizer, job.classnames, block).to(device)
+        model = PdaModel(clip, base.tokenizer, job.classnames, block).to(device)
     zs_text = torch.from_numpy(zero_shot_vectors(base, job.classnames, [block["template"]], device=device)).to(device)
     banks, fill = {}, {}
     for side, labels in (("source", job.source_labels(job.domain_keys("source"))), ("target", None)):
@@ -297,7 +292,7 @@ def parameter_counts(params: dict[str, Any], n_classes: int) -> list[dict[str, A
     clip = param_counts.meta_model(name)
     block = {**block, "template": " ".join(["X"] * block["n_ctx"]) + " {}."}  # counts ignore the words
     with torch.device("meta"):
-        model = make_model(clip, param_counts.meta_tokenizer(name), param_counts.CLASS_NAMES * n_classes, block)
+        model = PdaModel(clip, param_counts.meta_tokenizer(name), param_counts.CLASS_NAMES * n_classes, block)
     banks = model.source_bank.numel() + model.target_bank.numel()
     counts = param_counts.count(model, model.trainable_parameters(), clip)
     return [{"part": "multimodal prompts + projections + IFT (banks excluded)", "model": name,

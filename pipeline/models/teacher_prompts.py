@@ -68,8 +68,8 @@ class PromptedTeacher(nn.Module):
         text_width, visual_width = words.shape[1], clip.visual.conv1.out_channels
         self.deep_text = (nn.Parameter(torch.randn(self.text_depth - 1, n_ctx, text_width) * init_std)
                           if n_ctx and self.text_depth > 1 else None)
-        embed_dim = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) \
-            else clip.text_projection.out_features
+        self.embed_dim = embed_dim = (clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor)
+                                      else clip.text_projection.out_features)  # of both towers' features
         self.meta_net = nn.Sequential(nn.Linear(embed_dim, embed_dim // 16), nn.ReLU(inplace=True),
                                       nn.Linear(embed_dim // 16, text_width)) if meta_net else None
         self.visual_projections = nn.ModuleList(nn.Linear(text_width, visual_width) for _ in range(coupled_depth))
