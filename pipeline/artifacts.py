@@ -8,13 +8,16 @@ temporary folder (writers, see :func:`pipeline.io.atomic_dir`)::
     paths.prompts/<task>/                       PromptOutput: prompt.pt, train_log.json
     paths.features/domains/<dataset>/<domain>/  DomainFeatures: features.npy, keys.json, index.faiss, index.json
     paths.features/tasks/<task>/                TaskFeatures: class vectors, target logits, teacher predictions
-    paths.distill/<task>/                       StudentOutput: student.pt, predictions.npy, keys.json, ...
-    paths.curves/<task>/plots/metrics/          the distill stage's training curves, one TSV per value
+    paths.distill/<run>/                        StudentOutput: student.pt, predictions.npy, keys.json, ...
+    paths.curves/<run>/plots/metrics/           the distill stage's training curves, one TSV per value
                                                 (pipeline.methods.curves; DVCLive's layout)
     paths.evaluate/<task>/metrics.json          EvaluateOutput
     paths.bundles/<task>/                       the shipped student (pipeline.student.bundle)
     paths.checkpoints/<stage>/<task>/           resume area: snapshot, finished outputs (pipeline.resume;
                                                 not a DVC output)
+
+A distill *run* is a task trained with one of the seeds (:func:`distill_seeds`): ``<run>`` is the task's name
+for the first seed (the shipped student) and ``<task>.seed<s>`` for the others (:func:`run_name`).
 
 Cached rows (features, logits, predictions) are only meaningful in the key order they were computed in,
 so the features stage records those keys (``keys.json`` per domain, a digest per side in the task's
@@ -36,6 +39,18 @@ from pipeline.io import DamagedFileError, atomic_save_npy, atomic_savez, atomic_
 SIDES = ("source", "target")
 REBUILD = "re-run the features stage: `dvc repro -f -s features`"
 REDISTILL = "restore it with `dvc checkout` or re-run the distill stage: `dvc repro -f -s distill`"
+
+
+def distill_seeds(params: dict[str, Any]) -> list[int]:
+    """The distill stage's seeds: ``seeds`` when set, else ``[seed]``. Every task trains once per seed; the
+    first seed's run is the task's student (the one the bundle stage ships), the others measure the spread."""
+    return list(params.get("seeds") or [params["seed"]])
+
+
+def run_name(task: str, seed: int, seeds: list[int]) -> str:
+    """The folder and work-item name of a task's run with ``seed``: the task's own name for the first seed,
+    ``<task>.seed<s>`` for the others ('.' is not allowed in task names, so no run takes another task's name)."""
+    return task if seed == seeds[0] else f"{task}.seed{seed}"
 
 
 class StaleCacheError(ValueError):
@@ -277,12 +292,17 @@ class Artifacts:
     def prompts(self, task: str) -> PromptOutput:
         return PromptOutput(Path(self.paths["prompts"]) / task)
 
-    def student(self, task: str) -> StudentOutput:
-        return StudentOutput(Path(self.paths["distill"]) / task)
+    def student(self, run: str) -> StudentOutput:
+        """A distill run's output: ``run`` is the task's name for its (first-seed) student, see :func:`run_name`."""
+        return StudentOutput(Path(self.paths["distill"]) / run)
 
-    def curves(self, task: str) -> Path:
-        """The DVCLive folder of a task's training curves (:mod:`pipeline.methods.curves`)."""
-        return Path(self.paths["curves"]) / task
+    def student_runs(self, task: str, seeds: list[int]) -> dict[int, StudentOutput]:
+        """{seed: output} of every run of a task, the first seed's (the task's student) first."""
+        return {seed: self.student(run_name(task, seed, seeds)) for seed in seeds}
+
+    def curves(self, run: str) -> Path:
+        """The DVCLive folder of a distill run's training curves (:mod:`pipeline.methods.curves`)."""
+        return Path(self.paths["curves"]) / run
 
     def evaluation(self, task: str) -> EvaluateOutput:
         return EvaluateOutput(Path(self.paths["evaluate"]) / task)

@@ -26,8 +26,8 @@ from pipeline.models.factory import PRECISIONS
 from pipeline.methods.prompt_kinds import KINDS as PROMPT_KINDS, check as check_prompts
 from pipeline.models.prompted import PROMPT_INITS
 from pipeline.orchestration.devices import DEVICE_POLICIES
-from pipeline.schema import (ConfigError, DictOf, Tagged, boolean, integer, number, template, text, text_list,
-                             text_map, validate)
+from pipeline.schema import (ConfigError, DictOf, Tagged, boolean, integer, integer_list, number, template, text,
+                             text_list, text_map, validate)
 
 DATASET_FORMATS = ("digits", *external_formats())
 
@@ -67,6 +67,7 @@ DATASET = Tagged("format", {"digits": DIGITS, **{f: _dataset_schema(f) for f in 
 
 SCHEMA: dict[str, Any] = {
     "seed": integer(0),
+    "seeds": integer_list(0, nullable=True, default=None),
     "paths": {k: text() for k in ("raw", "shards", "standins", "prompts", "features", "distill", "curves",
                                   "evaluate", "bundles", "report", "run_info", "checkpoints")},
     "data": {

@@ -34,13 +34,13 @@ from pipeline.methods.training import resume_log as log
 SMALL_FILE = 1 << 20  # files up to 1 MiB (manifests, keys, metadata, code) are hashed by content
 
 
-def item_params(params: dict[str, Any], stage: str, item: str, dvc_yaml: str | os.PathLike = "dvc.yaml"
+def item_params(params: dict[str, Any], stage: str, task: str, dvc_yaml: str | os.PathLike = "dvc.yaml"
                 ) -> dict[str, Any]:
-    """The params the stage declares (all params without a ``dvc.yaml``), ``tasks`` narrowed to ``item``."""
+    """The params the stage declares (all params without a ``dvc.yaml``), ``tasks`` narrowed to ``task``."""
     declared = [k for k in stage_declaration(stage, dvc_yaml).get("params", []) if isinstance(k, str)]
     resolved = resolve_keys(params, declared) if declared else dict(params)
     if "tasks" in resolved:
-        resolved["tasks"] = {item: params["tasks"][item]}
+        resolved["tasks"] = {task: params["tasks"][task]}
     return resolved
 
 
@@ -80,9 +80,10 @@ def _ignored(relative: Path) -> bool:
 
 
 def resume_key(*, stage: str, item: str, params: dict[str, Any], inputs: Iterable[str | os.PathLike],
-               dvc_yaml: str | os.PathLike = "dvc.yaml") -> str:
-    """sha256 (hex) over the stage, the item, :func:`item_params`, the code deps and the inputs' identities."""
-    record = {"stage": stage, "item": item, "params": item_params(params, stage, item, dvc_yaml),
+               dvc_yaml: str | os.PathLike = "dvc.yaml", task: str | None = None) -> str:
+    """sha256 (hex) over the stage, the item, :func:`item_params` of the item's task (`task`, default the item
+    itself), the code deps and the inputs' identities."""
+    record = {"stage": stage, "item": item, "params": item_params(params, stage, task or item, dvc_yaml),
               "code": file_identities(code_deps(stage, dvc_yaml)), "inputs": file_identities(inputs)}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -156,9 +157,11 @@ def task_inputs(params: dict[str, Any], task: str, *, features: bool) -> list[Pa
 
 
 def item_resume(params: dict[str, Any], stage: str, item: str, *, inputs: Iterable[str | os.PathLike],
-                label: str | None = None, dvc_yaml: str | os.PathLike = "dvc.yaml") -> ItemResume:
-    """The resume area of ``item`` of ``stage``, keyed by :func:`resume_key`."""
-    key = resume_key(stage=stage, item=item, params=params, inputs=inputs, dvc_yaml=dvc_yaml)
+                label: str | None = None, dvc_yaml: str | os.PathLike = "dvc.yaml", task: str | None = None
+                ) -> ItemResume:
+    """The resume area of ``item`` of ``stage`` (an item of task `task`, default the item itself: a distill
+    run of a later seed is ``<task>.seed<s>``), keyed by :func:`resume_key`."""
+    key = resume_key(stage=stage, item=item, params=params, inputs=inputs, dvc_yaml=dvc_yaml, task=task)
     return ItemResume(Artifacts(params["paths"]).checkpoints(stage, item), key, label or f"{stage} item {item}")
 
 

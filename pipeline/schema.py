@@ -106,6 +106,17 @@ def text_list(choices: tuple[str, ...] | None = None, min_len: int = 1, is_templ
     return Field(check)
 
 
+def integer_list(minimum: int = 0, *, nullable: bool = False, default: Any = _MISSING) -> Field:
+    """A non-empty list of distinct integers >= `minimum` (or null when `nullable`)."""
+    def check(v):
+        if v is None and nullable:
+            return None
+        if (not isinstance(v, list) or not v or len(set(v)) != len(v)
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= minimum for x in v)):
+            return f"expected a non-empty list of distinct integers >= {minimum}" + (" or null" if nullable else "")
+    return _leaf(check, False, default)
+
+
 def text_map(*, optional: bool = False) -> Field:
     def check(v):
         if not isinstance(v, dict) or not v or not all(isinstance(k, str) and isinstance(x, str) and x

@@ -2,7 +2,8 @@
 
 This is the only stage that reads target labels. Predictions made upstream are joined to the labels by
 sample key. For models with epochs, the last epoch is the reported model; the best epoch is reported
-separately and labelled as selected on target labels (oracle).
+separately and labelled as selected on target labels (oracle). The student is scored once per distill seed
+(``models.student.seeds``); ``models.student.target`` is the first seed's run, the task's shipped student.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 import numpy as np
 
-from pipeline.artifacts import SIDES, Artifacts
+from pipeline.artifacts import SIDES, Artifacts, distill_seeds
 from pipeline.command import entry
 from pipeline.data.benchmarks import headline_metric
 from pipeline.data.shards import read_labels, shard_keys
@@ -34,9 +35,16 @@ def labels_in_order(params: dict, dataset: str, domain: str, keys: list[str]) ->
     return np.array([by_key[k] for k in keys])
 
 
+def seed_row(summary: dict) -> dict:
+    """What the report needs of one seed's run: last and best (oracle) accuracies and the per-epoch curve."""
+    return {"acc": summary["last"]["acc"], "mean_class_acc": summary["last"]["mean_class_acc"],
+            "best_acc": summary["best"]["acc"], "best_mean_class_acc": summary["best"]["mean_class_acc"],
+            "per_epoch": summary["per_epoch"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     params = start(STAGE, argv, __doc__)
-    artifacts = Artifacts(params["paths"])
+    artifacts, seeds = Artifacts(params["paths"]), distill_seeds(params)
     with atomic_dir(params["paths"]["evaluate"]) as tmp:
         def work(name, task, _device):
             cached, student = artifacts.features.task(name), artifacts.student(name)
@@ -48,8 +56,16 @@ def main(argv: list[str] | None = None) -> None:
                 models["zeroshot_teacher"][side] = classification_metrics(
                     y, cached.load(cached.zeroshot_preds(side)), len(classes))
                 models["source_teacher"][side] = epoch_summary(y, cached.load(cached.teacher_preds(side)), len(classes))
-            y = labels_in_order(params, task["dataset"], task["target"], read_json(student.keys))
-            models["student"] = {"target": epoch_summary(y, student.read_predictions(), len(classes))}
+            student_keys = read_json(student.keys)
+            y = labels_in_order(params, task["dataset"], task["target"], student_keys)
+            runs = {}
+            for seed, run in artifacts.student_runs(name, seeds).items():  # the first seed's is `student` itself
+                if read_json(run.keys) != student_keys:
+                    raise ValueError(f"{run.keys}: the run of seed {seed} predicted other target images than "
+                                     f"{student.keys}; re-run the distill stage")
+                runs[seed] = epoch_summary(y, run.read_predictions(), len(classes))
+            models["student"] = {"target": runs[seeds[0]],
+                                 "seeds": {str(seed): seed_row(summary) for seed, summary in runs.items()}}
             log = read_json(student.train_log)
             notes, method = log.get("extra_predictions", {}), log["method"]
             extras = {rule: {"target": epoch_summary(y, preds, len(classes)), "note": notes.get(rule, "")}

@@ -311,3 +311,51 @@ def test_per_task_plots_are_titled_by_their_files_which_name_the_task():
     folders = {path: p for entry in plots if isinstance(entry, dict) for path, p in entry.items() if p}
     assert set(folders) == {"${paths.report}/plots/accuracy", "${paths.report}/plots/confusion", "${paths.curves}"}
     assert not [path for path, p in folders.items() if "title" in p]
+
+
+def _with_seeds(m, runs):
+    """``m`` with the student scored over seeds: ``runs`` = {seed: (acc, mean_class_acc, per_epoch)}."""
+    m = copy.deepcopy(m)
+    m["models"]["student"]["seeds"] = {
+        str(seed): {"acc": acc, "mean_class_acc": mca, "best_acc": max(curve), "best_mean_class_acc": mca + 1,
+                    "per_epoch": curve} for seed, (acc, mca, curve) in runs.items()}
+    return m
+
+
+def test_several_seeds_give_mean_and_sample_std_per_task_and_for_the_benchmark_mean(tmp_path):
+    a = _with_seeds(_task("a", "usps", "mnist", 0, 3, 3),
+                    {1: (60.0, 50.0, [40.0, 50.0, 60.0]), 2: (70.0, 52.0, [45.0, 55.0, 70.0]),
+                     3: (80.0, 57.0, [50.0, 60.0, 80.0])})
+    b = _with_seeds(_task("b", "mnist", "usps", 1, 3, 3),
+                    {1: (30.0, 20.0, [10.0, 20.0, 30.0]), 2: (34.0, 26.0, [12.0, 22.0, 34.0]),
+                     3: (32.0, 20.0, [11.0, 21.0, 32.0])})
+    results = build_report({"a": a, "b": b}, tmp_path)
+    sa, sb = results["tasks"]["a"]["student"]["target"], results["tasks"]["b"]["student"]["target"]
+    # by hand: a = 70 ± 10 (sample std of 60, 70, 80); mean-class 53 ± sqrt(((-3)² + (-1)² + 4²) / 2) = 3.61
+    assert (sa["acc"], sa["acc_std"], sa["mean_class_acc"], sa["mean_class_acc_std"]) == (70.0, 10.0, 53.0, 3.61)
+    assert (sb["acc"], sb["acc_std"], sa["n_seeds"]) == (32.0, 2.0, 3)
+    assert sa["best_acc"] == 70.0  # mean of each seed's best epoch (60, 70, 80)
+    # benchmark mean per seed: (60+30)/2 = 45, (70+34)/2 = 52, (80+32)/2 = 56 -> 51 ± 5.57
+    mean = results["mean"]["student"]["target"]
+    assert (mean["acc"], mean["acc_std"], mean["n_seeds"]) == (51.0, 5.57, 3)
+    headline = json.loads((tmp_path / "headline.json").read_text())
+    assert headline["mean"]["student"] == {"acc": 51.0, "mean_class_acc": mean["mean_class_acc"], "acc_std": 5.57,
+                                           "mean_class_acc_std": mean["mean_class_acc_std"]}
+    assert "acc_std" not in headline["a"]["source_teacher"]  # the teacher is trained once
+    md = (tmp_path / "results.md").read_text()
+    assert "70.00 ± 10.00 / 53.00 ± 3.61" in md and "51.00 ± 5.57" in md and "over 3 seeds (1, 2, 3)" in md
+    # the accuracy plot: mean and std per epoch over seeds (epoch 3 of task a: 70 ± 10)
+    header, *rows = _rows(tmp_path / "plots" / "accuracy" / "a.csv")
+    assert header == ["epoch", "student", "teacher", "student_std"]
+    assert (rows[2][1], rows[2][3], rows[0][1]) == ("70.0", "10.0", "45.0")
+
+
+def test_one_seed_keeps_the_table_without_std_and_seeds_must_match_across_tasks(tmp_path):
+    one = _with_seeds(_task("a", "usps", "mnist", 0, 3, 3), {1: (60.0, 50.0, [40.0, 50.0, 60.0])})
+    results = build_report({"a": one}, tmp_path / "one")
+    assert "acc_std" not in results["tasks"]["a"]["student"]["target"] and "±" not in (
+        tmp_path / "one" / "results.md").read_text()
+    three = _with_seeds(_task("b", "mnist", "usps", 1, 3, 3),
+                        {s: (30.0, 20.0, [10.0, 20.0, 30.0]) for s in (1, 2, 3)})
+    with pytest.raises(ValueError, match="different seeds"):
+        build_report({"a": one, "b": three}, tmp_path / "mixed")

@@ -264,7 +264,7 @@ def _params(tmp_path, **distill):
                       "standins": str(tmp_path / "standins"), "features": str(tmp_path / "features")},
             "tasks": {"a": {"dataset": "digits", "source": "usps", "target": "mnist"}},
             "distill": {"method": "promptkd", "lr": 0.1, **distill}, "model": {"teacher": {}, "student": {}},
-            "seed": 0, "evaluate": {"batch_size": 8}, "runtime": {"deterministic": True, "num_workers": 0}}
+            "seed": 0, "seeds": None, "evaluate": {"batch_size": 8}, "runtime": {"deterministic": True, "num_workers": 0}}
 
 
 def test_the_key_follows_declared_params_of_the_item_and_its_inputs(tmp_path):

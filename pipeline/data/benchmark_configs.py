@@ -82,6 +82,7 @@ def benchmark_params(base: dict[str, Any], fmt: str) -> dict[str, Any]:
     bench = benchmarks()[fmt]
     params["data"]["datasets"] = {fmt: {"format": fmt, "root": ROOTS[fmt], "domains": list(bench["domains"])}}
     params["tasks"] = standard_tasks(fmt)
+    params["seeds"] = [1, 2, 3]  # the originals report the mean of 3 runs
     params["prompts"]["template"] = TEMPLATE
     params["distill"]["ekda"]["template"] = TEMPLATE
     params["distill"]["dapl"]["naive_template"] = TEMPLATE

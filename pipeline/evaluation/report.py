@@ -12,13 +12,18 @@ Input is one ``results/evaluate/<task>/metrics.json`` per task::
     {"task", "dataset", "source", "target", "classes", "protocol", "headline" (optional: acc | mean_class_acc),
      "models": {"zeroshot_teacher": {"target": METRICS, "source": METRICS},
                 "source_teacher":   {"target": EPOCH_SUMMARY, "source": EPOCH_SUMMARY},
-                "student":          {"target": EPOCH_SUMMARY}},
+                "student":          {"target": EPOCH_SUMMARY,
+                                     "seeds" (optional): {seed: {acc, mean_class_acc, best_acc,
+                                                                 best_mean_class_acc, per_epoch}}}},
      "extras" (optional): {rule: {"target": EPOCH_SUMMARY, "note"}},   other inference rules of the student
      "parameters" (optional): {"trainable", and for CMKD "changed", "dsp_paper", "dsp_code", "bytes" ...}}
 
 where METRICS comes from ``metrics.classification_metrics`` and EPOCH_SUMMARY from ``metrics.epoch_summary``.
 For EPOCH_SUMMARY models the headline numbers are the LAST epoch; the best epoch is picked with target labels
-(an oracle) and is reported beside it, never instead of it.
+(an oracle) and is reported beside it, never instead of it. With more than one distill seed the student's numbers
+are means over the seeds with ``*_std`` beside them (sample standard deviation, n - 1); the mean row's std is
+taken over the seeds' benchmark means, as the originals report it; ``best_epoch`` and the confusion matrix are
+the first seed's run (the shipped student).
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ MODELS: dict[str, tuple[tuple[str, ...], bool]] = {
     "student": (("target",), True),
 }
 _METRIC_KEYS = ("acc", "mean_class_acc")
+_SEED_KEYS = ("acc", "mean_class_acc", "best_acc", "best_mean_class_acc")  # averaged over seeds
 HEADLINE_MODELS = ("student", "source_teacher")  # headline.json: the reported model and its teacher
 _EPOCH_KEYS = ("per_epoch", "last", "best", "best_epoch")
 # The report's files (dvc.yaml declares headline.json and results.json as metrics: numbers only)
@@ -112,15 +118,45 @@ def _split_entry(split: dict[str, Any], epochs: bool) -> dict[str, Any]:
             "best_epoch": int(split["best_epoch"])}
 
 
+def _seeds(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The student's runs per seed (one entry, or none in an older metrics.json, for a single seed)."""
+    return m["models"]["student"].get("seeds") or {}
+
+
+def _std(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _over_seeds(entry: dict[str, Any], seeds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A task's student entry as means over its seeds, with the std of the two headline metrics."""
+    runs = list(seeds.values())
+    out = dict(entry, **{k: _r(np.mean([r[k] for r in runs])) for k in _SEED_KEYS})
+    out.update({f"{k}_std": _r(_std([r[k] for r in runs])) for k in _METRIC_KEYS})
+    return {**out, "n_seeds": len(runs)}
+
+
 def _results(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
     tasks = {task: {model: {split: _split_entry(m["models"][model][split], epochs) for split in splits}
                     for model, (splits, epochs) in MODELS.items()}
              for task, m in task_metrics.items()}
+    seeded = {task: _seeds(m) for task, m in task_metrics.items() if len(_seeds(m)) > 1}
+    if seeded and (len(seeded) != len(tasks) or len({tuple(v) for v in seeded.values()}) != 1):
+        found = {task: list(_seeds(m)) for task, m in task_metrics.items()}
+        raise ValueError(f"tasks were evaluated over different seeds ({found}); re-run the distill and evaluate "
+                         "stages")
+    for task, seeds in seeded.items():
+        tasks[task]["student"]["target"] = _over_seeds(tasks[task]["student"]["target"], seeds)
     # Means are taken over the rounded per-task values so the mean row can be re-derived from the table.
     mean = {}
     for model, (_, epochs) in MODELS.items():
         keys = ("acc", "mean_class_acc") + (("best_acc", "best_mean_class_acc") if epochs else ())
         mean[model] = {"target": {k: _r(np.mean([tasks[t][model]["target"][k] for t in tasks])) for k in keys}}
+    if seeded:  # the spread of the benchmark mean: over the seeds' own means over tasks
+        seeds = next(iter(seeded.values()))
+        for k in _METRIC_KEYS:
+            per_seed = [np.mean([seeded[t][s][k] for t in tasks]) for s in seeds]
+            mean["student"]["target"][f"{k}_std"] = _r(_std(per_seed))
+        mean["student"]["target"]["n_seeds"] = len(seeds)
     for task, m in task_metrics.items():
         if m.get("extras"):
             tasks[task]["extras"] = {rule: _split_entry(e["target"], True) for rule, e in m["extras"].items()}
@@ -138,10 +174,12 @@ def _results(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _headline(results: dict[str, Any]) -> dict[str, Any]:
     """The few numbers ``dvc exp show`` leads with, ``{"mean" | <task>: {student | source_teacher: {acc,
-    mean_class_acc}}}``: the reported student (last epoch) beside the source-prompted teacher it learned from,
+    mean_class_acc}}}`` (the student's with ``acc_std`` and ``mean_class_acc_std`` over several seeds): the reported student (last epoch) beside the source-prompted teacher it learned from,
     on the target; the mean first, tasks at the top level so the columns stay short (``mean.student.acc``)."""
     def pick(row: dict[str, Any]) -> dict[str, Any]:
-        return {model: {k: row[model]["target"][k] for k in _METRIC_KEYS} for model in HEADLINE_MODELS}
+        keys = _METRIC_KEYS + tuple(f"{k}_std" for k in _METRIC_KEYS)  # the stds only with several seeds
+        return {model: {k: row[model]["target"][k] for k in keys if k in row[model]["target"]}
+                for model in HEADLINE_MODELS}
 
     return {"mean": pick(results["mean"]), **{task: pick(row) for task, row in results["tasks"].items()}}
 
@@ -165,7 +203,10 @@ def _summary(task_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any], summary: dict[str, Any]) -> str:
     def cell(entry: dict[str, Any], prefix: str = "") -> str:
-        return f"{entry[prefix + 'acc']:.2f} / {entry[prefix + 'mean_class_acc']:.2f}"
+        def value(key: str) -> str:
+            std = entry.get(f"{key}_std") if not prefix else None
+            return f"{entry[prefix + key]:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+        return f"{value('acc')} / {value('mean_class_acc')}"
 
     def row(name: str, pair: str, r: dict[str, Any], headline: str) -> str:
         cells = [cell(r["zeroshot_teacher"]["target"]), cell(r["source_teacher"]["target"]),
@@ -182,6 +223,12 @@ def _markdown(task_metrics: dict[str, dict[str, Any]], results: dict[str, Any], 
                          names[summary["headline_metric"][task]]))
     lines.append(row(f"**mean ({len(task_metrics)} tasks)**", "", results["mean"], ""))
     lines += ["", NOTE]
+    seeded = next((m for m in task_metrics.values() if len(_seeds(m)) > 1), None)
+    if seeded is not None:
+        seeds = ", ".join(_seeds(seeded))
+        lines += ["", f"Student columns: mean ± standard deviation (sample, n - 1) over {len(_seeds(seeded))} seeds "
+                      f"({seeds}); the mean row's deviation is over the seeds' means over tasks. The shipped "
+                      "bundle, the confusion matrices and the oracle epochs are the first seed's run."]
     best_epochs = ", ".join(f"{t}: {results['tasks'][t]['student']['target']['best_epoch']}" for t in task_metrics)
     lines += ["", f"Student best (oracle) epoch per task: {best_epochs}."]
     methods = sorted({str(m["method"]) for m in task_metrics.values() if "method" in m})
@@ -236,9 +283,21 @@ def _csv(header: list[str], rows: list[list[Any]]) -> str:
 def _accuracy_csv(m: dict[str, Any]) -> str:
     # x is the distillation epoch; the teacher (its final prompt) is a constant reference on that axis,
     # since its prompt-training epochs are a different clock.
-    student = m["models"]["student"]["target"]["per_epoch"]
     teacher = _r(m["models"]["source_teacher"]["target"]["last"]["acc"])
-    return _csv(["epoch", "student", "teacher"], [[e + 1, _r(acc), teacher] for e, acc in enumerate(student)])
+    mean, std = _student_curve(m)
+    if std is None:
+        return _csv(["epoch", "student", "teacher"], [[e + 1, _r(acc), teacher] for e, acc in enumerate(mean)])
+    return _csv(["epoch", "student", "teacher", "student_std"],
+                [[e + 1, _r(acc), teacher, _r(sd)] for e, (acc, sd) in enumerate(zip(mean, std))])
+
+
+def _student_curve(m: dict[str, Any]) -> tuple[list[float], list[float] | None]:
+    """The student's target accuracy per epoch: over several seeds their mean and std per epoch, else the one run."""
+    seeds = _seeds(m)
+    if len(seeds) < 2:
+        return m["models"]["student"]["target"]["per_epoch"], None
+    curves = np.array([run["per_epoch"] for run in seeds.values()], dtype=float)
+    return curves.mean(axis=0).tolist(), curves.std(axis=0, ddof=1).tolist()
 
 
 def class_labels(classes: list[str]) -> list[str]:
@@ -273,8 +332,12 @@ def _accuracy_png(task_metrics: dict[str, dict[str, Any]]) -> bytes:
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.6 * nrows), squeeze=False)
     for ax, (task, m) in zip(axes.flat, task_metrics.items()):
         models = m["models"]
-        accs = models["student"]["target"]["per_epoch"]
-        ax.plot(range(1, len(accs) + 1), accs, "o-", markersize=3, label="student")
+        accs, std = _student_curve(m)
+        epochs = np.arange(1, len(accs) + 1)
+        ax.plot(epochs, accs, "o-", markersize=3,
+                label="student" if std is None else f"student (mean ± std, {len(_seeds(m))} seeds)")
+        if std is not None:
+            ax.fill_between(epochs, np.subtract(accs, std), np.add(accs, std), alpha=0.25)
         ax.axhline(models["source_teacher"]["target"]["last"]["acc"], color="tab:orange", linestyle=":",
                    label="source-prompted teacher (final)")
         ax.axhline(models["zeroshot_teacher"]["target"]["acc"], color="grey", linestyle="--",

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from pipeline.artifacts import distill_seeds
 from pipeline.io import atomic_write, atomic_write_json, read_json
 from pipeline.models.factory import LoadedModel, ModelSpec, ModelWeightsError, load_model
 from pipeline.models.residual import visual_weights_hash
@@ -102,7 +103,7 @@ def code_revision() -> str:
 
 
 CHECKPOINT_KEYS = ("method", "state", "classes", "logit_scale", "class_vectors", "models", "cached_teacher",
-                   "distill", "task")  # what every student.pt holds; the rest is the method's own (method_config)
+                   "distill", "task", "seed")  # what every student.pt holds; the rest is the method's own (method_config)
 
 
 def bundle_config(*, name: str, checkpoint: dict[str, Any], base: LoadedModel, params: dict[str, Any],
@@ -115,11 +116,15 @@ def bundle_config(*, name: str, checkpoint: dict[str, Any], base: LoadedModel, p
                "best_oracle": {"epoch": target["best_epoch"],
                                **{k: target["best"][k] for k in ("acc", "mean_class_acc", "n")}},
                "headline": evaluation["headline"], "protocol": evaluation["protocol"]}
+    runs = evaluation["models"]["student"].get("seeds") or {}
+    if len(runs) > 1:  # the spread the shipped (first-seed) run comes from
+        metrics["over_seeds"] = {"seeds": [int(seed) for seed in runs],
+                                 **{k: [runs[seed][k] for seed in runs] for k in ("acc", "mean_class_acc")}}
     return {"format": FORMAT, "method": checkpoint["method"], "task": {"name": name, **checkpoint["task"]},
             "classes": list(checkpoint["classes"]), "logit_scale": float(checkpoint["logit_scale"]),
             "base": base_record(base), "models": checkpoint["models"],
             "method_config": {k: v for k, v in checkpoint.items() if k not in CHECKPOINT_KEYS},
-            "params": {"distill": checkpoint["distill"], "model": params["model"], "seed": params["seed"]},
+            "params": {"distill": checkpoint["distill"], "model": params["model"], "seed": distill_seeds(params)[0]},
             "code_revision": code_revision(), "metrics": metrics}
 
 
