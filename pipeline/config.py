@@ -25,7 +25,7 @@ from pipeline.methods import METHODS
 from pipeline.models.factory import PRECISIONS
 from pipeline.methods.prompt_kinds import KINDS as PROMPT_KINDS, check as check_prompts
 from pipeline.models.prompted import PROMPT_INITS
-from pipeline.orchestration.devices import DEVICE_POLICIES
+from pipeline.orchestration.devices import DEVICE_POLICIES, EXECUTORS
 from pipeline.schema import (ConfigError, DictOf, Tagged, boolean, integer, integer_list, number, template, text,
                              text_list, text_map, validate)
 
@@ -92,7 +92,8 @@ SCHEMA: dict[str, Any] = {
                 **{name: method.params for name, method in METHODS.items()}},  # each method's own block
     "evaluate": {"batch_size": integer(1)},
     "runtime": {"device": text(DEVICE_POLICIES), "num_workers": integer(0), "retries": integer(0),
-                "retry_delay_s": number(0.0), "deterministic": boolean()},
+                "retry_delay_s": number(0.0), "deterministic": boolean(),
+                "executor": text(EXECUTORS, default="local"), "dask_address": text(nullable=True, default=None)},
 }
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 from typing import Iterator
 
@@ -10,6 +11,22 @@ import torch
 
 DEVICE_POLICIES = ("auto", "cpu", "cuda")
 POLICIES = DEVICE_POLICIES
+EXECUTORS = ("local", "dask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Executor:
+    """Where a stage's items run: ``runtime.executor`` (``local``: threads of the stage process, one per
+    visible GPU; ``dask``: Dask workers, a local cluster or the scheduler at ``runtime.dask_address``) and the
+    device policy ``runtime.device`` each item's device follows (on its worker, under Dask)."""
+
+    kind: str = "local"
+    dask_address: str | None = None
+    device: str = "auto"
+
+    @classmethod
+    def from_runtime(cls, runtime: dict) -> "Executor":
+        return cls(runtime.get("executor", "local"), runtime.get("dask_address"), runtime.get("device", "auto"))
 
 
 def visible_devices(policy: str = "auto") -> list[str]:

@@ -1,15 +1,24 @@
 """Run a stage's work items as one Prefect flow: a task per item, a device per task, retries for
 transient failures only.
 
+Two executors (``runtime.executor``): ``local`` runs the items on threads of the stage process, one per
+visible GPU (a slot pool hands each item its device); ``dask`` hands them to Dask workers through
+``prefect-dask``'s ``DaskTaskRunner`` (:mod:`pipeline.orchestration.dask`), one GPU item per worker, the
+item's device being the GPU its worker was started on. Either way the stage process stays the only writer of
+its outputs: items write into the stage's temporary folder (on a filesystem every worker shares) and return
+small results.
+
 No Prefect result caching: DVC's lock and run-cache already decide what re-runs, and two caches
 would disagree. Without ``PREFECT_API_URL`` the flow reports to a temporary server tied to the stage
-process (:mod:`pipeline.orchestration.server`).
+process (:mod:`pipeline.orchestration.server`); Dask workers need a lasting one.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
-from typing import Any, Callable
+import uuid
+from typing import Any, Callable, ContextManager
 
 import pipeline  # noqa: F401  (environment defaults and the torchvision guard before torch)
 import torch
@@ -22,7 +31,7 @@ from prefect.runtime import task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.types.names import BANNED_CHARACTERS
 
-from pipeline.orchestration.devices import DeviceSlots, visible_devices
+from pipeline.orchestration.devices import DeviceSlots, Executor, visible_devices
 from pipeline.orchestration.run_logs import configure_run_logs
 from pipeline.orchestration.server import prefect_api
 from pipeline.progress import Cancelled, request_stop
@@ -93,61 +102,98 @@ def run_items(
     run_name: str = "",
     parameters: dict[str, Any] | None = None,
     tags: list[str] | None = None,
+    executor: Executor | None = None,
+    on_gpu: bool = True,
 ) -> dict[str, Any]:
     """Run ``work(item_name, item, device)`` for every item, as tasks of a Prefect flow named `stage`.
 
-    Items run concurrently, at most one per device. Transient failures (`is_transient`) are retried
-    `retries` times, `retry_delay_s` apart; anything else fails at once, and then the items not yet started
-    are not started (fail fast; running ones finish, so their work is kept). If any item fails for good,
-    raises `StageError` naming the stage, the items and their errors. Returns {item_name: result}.
+    Items run concurrently, at most one per device (``local``) or one GPU item per Dask worker (``dask``;
+    `work` and the items must then pickle, and ``on_gpu=False`` items ask for no GPU). Transient failures
+    (`is_transient`) are retried `retries` times, `retry_delay_s` apart; anything else fails at once, and then
+    the items not yet started are not started (fail fast; running ones finish, so their work is kept). If any
+    item fails for good, raises `StageError` naming the stage, the items and their errors. Returns
+    {item_name: result}.
 
     Called inside :func:`run_in_flow` for the same stage, the items are tasks of that flow; otherwise they
     get a flow of their own, named `run_name` (default: the stage), with `parameters` and `tags`.
     """
-    devices = list(devices) if devices is not None else visible_devices("auto")
+    executor = executor or Executor()
+    devices = list(devices) if devices is not None else visible_devices(executor.device)
     if not items:
         return {}  # nothing to do: don't pay for a (possibly ephemeral) Prefect server start
     context = FlowRunContext.get()
+    run = lambda: _run_tasks(stage, items, work, devices, retries, retry_delay_s, executor, on_gpu)  # noqa: E731
     if context is not None and context.flow is not None and context.flow.name == stage:
-        return _run_tasks(stage, items, work, devices, retries, retry_delay_s)
-    return run_in_flow(stage, lambda: _run_tasks(stage, items, work, devices, retries, retry_delay_s),
-                       run_name=run_name, parameters=parameters, tags=tags, max_workers=len(devices))
+        return run()
+    return run_in_flow(stage, run, run_name=run_name, parameters=parameters, tags=tags, max_workers=len(devices),
+                       executor=executor)
 
 
 def run_in_flow(stage: str, body: Callable[[], Any], *, run_name: str = "", parameters: dict[str, Any] | None = None,
-                tags: list[str] | None = None, max_workers: int = 1) -> Any:
+                tags: list[str] | None = None, max_workers: int = 1, executor: Executor | None = None) -> Any:
     """Return ``body()`` run inside one Prefect flow named `stage` (the stage's parent flow: every
     :func:`run_items` call for `stage` in `body` adds its items as tasks of this flow).
 
     `parameters` (JSON values) show in the run's Parameters tab as its ``params``; `tags` label the run.
+    `executor` picks the task runner: threads (`max_workers`) or Dask workers.
     """
+    executor = executor or Executor()
+    if executor.kind == "dask":
+        from pipeline.orchestration.dask import dask_task_runner  # prefect-dask: only in dask mode
+
+        task_runner = dask_task_runner(executor, workers=max_workers)
+    else:
+        task_runner = ThreadPoolTaskRunner(max_workers=max_workers)
+
     @flow(
         name=stage,
         flow_run_name=_run_name(run_name or stage),
-        task_runner=ThreadPoolTaskRunner(max_workers=max_workers),
+        task_runner=task_runner,
         persist_result=False,
         validate_parameters=False,  # shown as given; they were validated with params.yaml
     )
     def stage_flow(params: dict[str, Any]) -> Any:  # noqa: ARG001  (recorded by Prefect, read by the UI)
         return body()  # Prefect itself logs the run's UI address ("View at ...") when there is a UI
 
-    with prefect_api():
+    with prefect_api(require_server=executor.kind == "dask"):
         configure_run_logs()
         with prefect_tags(*(tags or [])):
             return stage_flow(params=parameters or {})
 
 
+class _Threads:
+    """Placement of the ``local`` executor: a device slot per item, fail-fast through a thread event."""
+
+    def __init__(self, devices: list[str]):
+        self._slots = DeviceSlots(devices)
+        self._failed = threading.Event()
+
+    def device(self) -> ContextManager[str]:
+        return self._slots.acquire()
+
+    def failed(self) -> bool:
+        return self._failed.is_set()
+
+    def fail(self) -> None:
+        self._failed.set()
+
+
 def _run_tasks(stage: str, items: dict[str, Any], work: Callable[[str, Any, str], Any], devices: list[str],
-               retries: int, retry_delay_s: float) -> dict[str, Any]:
+               retries: int, retry_delay_s: float, executor: Executor, on_gpu: bool) -> dict[str, Any]:
     """Inside the stage's flow: one task per item, a device per task (see :func:`run_items`)."""
-    slots = DeviceSlots(devices)
-    failed_for_good = threading.Event()
+    if executor.kind == "dask":
+        from pipeline.orchestration.dask import WorkerPlacement, gpu_annotation
+
+        placement: Any = WorkerPlacement(f"{stage}-failed-{uuid.uuid4().hex}", executor.device, on_gpu)
+        annotate = gpu_annotation if on_gpu else contextlib.nullcontext
+    else:
+        placement, annotate = _Threads(devices), contextlib.nullcontext
 
     def run_item(item_name: str) -> Any:
         logger = get_run_logger()
-        # The slot is taken per attempt, so an item waiting out a retry delay holds no device.
-        with slots.acquire() as device:
-            if failed_for_good.is_set():
+        # The device is taken per attempt, so an item waiting out a retry delay holds none.
+        with placement.device() as device:
+            if placement.failed():
                 raise NotStarted(f"not started: another item of stage {stage!r} failed")
             logger.info("stage %s: item %s on %s", stage, item_name, device)
             try:
@@ -156,10 +202,11 @@ def _run_tasks(stage: str, items: dict[str, Any], work: Callable[[str, Any, str]
                 if device.startswith("cuda"):  # give a retry (e.g. after CUDA OOM) the memory back
                     torch.cuda.empty_cache()
                 if not is_transient(exc) or task_run.run_count > retries:
-                    failed_for_good.set()
+                    placement.fail()
                 raise
 
-    # Items stay in this closure, never in Prefect parameters: they need not be JSON-serialisable.
+    # Items stay in this closure, never in Prefect parameters: they need not be JSON-serialisable (under Dask
+    # the closure travels to the worker by cloudpickle).
     item_task = task(
         run_item,
         name=stage,
@@ -170,8 +217,10 @@ def _run_tasks(stage: str, items: dict[str, Any], work: Callable[[str, Any, str]
         persist_result=False,
     )
     logger = get_run_logger()
-    logger.info("stage %s: %d item(s) on %s", stage, len(items), devices)
-    futures = {name: item_task.with_options(task_run_name=_run_name(stage, name)).submit(name) for name in items}
+    logger.info("stage %s: %d item(s) on %s", stage, len(items),
+                f"Dask workers ({executor.dask_address or 'a local cluster'})" if executor.kind == "dask" else devices)
+    with annotate():  # Dask reads resource annotations at submit time
+        futures = {name: item_task.with_options(task_run_name=_run_name(stage, name)).submit(name) for name in items}
     try:
         wait(list(futures.values()))
     except BaseException:

@@ -84,13 +84,21 @@ def startup_timeout() -> int:
 
 
 @contextlib.contextmanager
-def prefect_api() -> Iterator[str]:
+def prefect_api(*, require_server: bool = False) -> Iterator[str]:
     """Yield the API URL the block's flows report to, starting (and at the end stopping) a temporary
-    server tied to this process when ``PREFECT_API_URL`` is not set."""
+    server tied to this process when ``PREFECT_API_URL`` is not set.
+
+    ``require_server`` (Dask workers report their tasks too): no temporary server, which each worker process
+    would otherwise start for itself; a missing ``PREFECT_API_URL`` stops with what to do instead."""
     url = PREFECT_API_URL.value()
     if url:
         yield url
         return
+    if require_server:
+        raise RuntimeError("runtime.executor: dask needs a Prefect server that every Dask worker reaches, and "
+                           "PREFECT_API_URL is not set: start one with `uda-distill server` (or `prefect server "
+                           "start --host 0.0.0.0` for workers on other machines) and export the PREFECT_API_URL it "
+                           "prints, in the shell that runs the pipeline and in every worker's")
     timeout = startup_timeout()
     with _START_LOCK:
         server = _TiedServer(port=_free_port())

@@ -23,7 +23,7 @@ from pipeline.config import load_params, resolve_keys, stage_declaration
 from pipeline.schema import ConfigError
 from pipeline.io import write_run_info
 from pipeline.models.factory import LOCAL_DIR, ModelSpec, check_weights_available
-from pipeline.orchestration.devices import visible_devices
+from pipeline.orchestration.devices import Executor, visible_devices
 
 #: Set by ``dvc exp run`` for each stage command: the experiment's name.
 DVC_EXP_ENV = "DVC_EXP_NAME"
@@ -89,7 +89,8 @@ def run_stage_items(stage: str, params: dict[str, Any], items: dict[str, Any],
     The flow run is named :func:`flow_run_name`, tagged :func:`flow_run_tags` and shows the params keys the
     stage declares in ``dvc.yaml`` as its parameters. Called inside :func:`run_stage_flow` (a stage that runs
     items in steps), the items are tasks of that flow (whose name, tags and parameters stand).
-    ``on_gpu=False`` is for CPU-only work (image building, sharding): one item at a time on the CPU.
+    ``on_gpu=False`` is for CPU-only work (image building, sharding): one item at a time on the CPU (under
+``runtime.executor: dask``, on any worker, without asking for a GPU).
     """
     # Prefect is imported here, not with this module: stages that run no items (validate, bundle) then start
     # about 4 s sooner, which every `dvc repro` pays.
@@ -98,7 +99,7 @@ def run_stage_items(stage: str, params: dict[str, Any], items: dict[str, Any],
     rt = params["runtime"]
     devices = visible_devices(rt["device"]) if on_gpu else ["cpu"]
     return run_items(stage, items, work, devices=devices, retries=rt["retries"], retry_delay_s=rt["retry_delay_s"],
-                     **_flow_run_identity(stage, params, label))
+                     executor=Executor.from_runtime(rt), on_gpu=on_gpu, **_flow_run_identity(stage, params, label))
 
 
 def run_stage_flow(stage: str, params: dict[str, Any], body: Callable[[], Any], *, label: str) -> Any:
@@ -107,7 +108,8 @@ def run_stage_flow(stage: str, params: dict[str, Any], body: Callable[[], Any], 
     from pipeline.orchestration.flows import run_in_flow
 
     devices = visible_devices(params["runtime"]["device"])
-    return run_in_flow(stage, body, max_workers=len(devices), **_flow_run_identity(stage, params, label))
+    return run_in_flow(stage, body, max_workers=len(devices), executor=Executor.from_runtime(params["runtime"]),
+                       **_flow_run_identity(stage, params, label))
 
 
 def _flow_run_identity(stage: str, params: dict[str, Any], label: str) -> dict[str, Any]:
