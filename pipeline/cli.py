@@ -13,6 +13,11 @@
   list files or shard folders; one row per image with its top-k classes (unreadable images are listed, not fatal).
 * ``uda-distill server [--port 4200]``: a Prefect server on 127.0.0.1 (telemetry off) until Ctrl-C; it prints
   the ``export PREFECT_API_URL=...`` that makes stage runs report to it, and its UI's address.
+* ``uda-distill sweep -S 'distill.method=promptkd,ekda' -S 'seed=1,2,3' --pool NAME [--git-remote origin]
+  [--dvc-remote NAME] [--no-wait] [--timeout S]``: one ``dvc exp run`` per combination, each a Prefect flow run
+  on a process work pool (a worker per GPU, on any machine); the runs push their experiments to the git remote
+  and their outputs to the DVC remote, so ``dvc exp pull`` + ``dvc exp show`` list them anywhere. Needs
+  ``PREFECT_API_URL`` (``uda-distill server``).
 * ``uda-distill export BUNDLE --format merged|pt2|onnx --out PATH [--images INPUT...]``: a standalone
   open_clip ``local-dir:`` student, a ``torch.export`` program or an ONNX graph, each checked against the
   eager student (max logit difference at most 1e-4).
@@ -116,6 +121,13 @@ def _server(args: argparse.Namespace) -> int:
     return serve(args.port)
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline.orchestration.sweep import sweep
+
+    return sweep(args.set, pool=args.pool, git_remote=args.git_remote, dvc_remote_name=args.dvc_remote,
+                 wait=args.wait, timeout=args.timeout)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -181,6 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     server = command("server", "run a Prefect server (UI and API) on 127.0.0.1 until Ctrl-C")
     server.add_argument("--port", type=int, default=4200, help="port on 127.0.0.1 (default 4200)")
     server.set_defaults(func=_server)
+    sweep = command("sweep", "run one dvc experiment per combination of -S values, each a Prefect flow run on "
+                    "a process work pool (a worker per GPU, on any machine); needs PREFECT_API_URL")
+    sweep.add_argument("-S", "--set", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a params key and its values, as `dvc exp run -S` takes them (repeatable; the runs are "
+                       "every combination), e.g. -S 'distill.method=promptkd,ekda' -S 'seed=1,2,3'")
+    sweep.add_argument("--pool", required=True, help="the Prefect process work pool (created if missing)")
+    sweep.add_argument("--git-remote", default="origin", help="git remote (name or URL) every machine reaches: "
+                       "the runs check out this commit there and push their experiments to it (default: origin)")
+    sweep.add_argument("--dvc-remote", help="DVC remote the runs pull outputs from and push theirs to "
+                       "(default: the default DVC remote)")
+    sweep.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                       help="follow the runs until they end (default); --no-wait returns once they are submitted")
+    sweep.add_argument("--timeout", type=float, help="seconds to follow the runs (default: until they end); "
+                       "runs still going then go on")
+    sweep.set_defaults(func=_sweep)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     args = parser.parse_args(argv)
     return entry("uda-distill", lambda _argv: args.func(args), ["--debug"] if args.debug else [],

@@ -74,7 +74,7 @@ def test_version_and_a_description_for_every_command(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.startswith("uda-distill ")
-    commands = ("smoke", "fetch-weights", "info", "predict", "export", "server")
+    commands = ("smoke", "fetch-weights", "info", "predict", "export", "server", "sweep")
     for name in commands:
         with pytest.raises(SystemExit):
             main([name, "--help"])
