@@ -2,6 +2,7 @@
 ``GPU`` resource each), against the ``local`` executor."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -85,6 +86,27 @@ def test_dask_retries_a_transient_error_and_names_the_item_that_failed_for_good(
     with pytest.raises(StageError, match=r"stage 'dask-test': 1 item\(s\) failed: broken: ValueError: item broken"):
         _run({"broken": {"seed": 2, "out": str(tmp_path), "fail": "bug"},
               "fine": {"seed": 3, "out": str(tmp_path)}}, executor)
+
+
+def where_item(name: str, item: dict, device: str) -> str:
+    Path("ran-here.txt").write_text(name)  # relative, as stages write their outputs
+    return os.getcwd()
+
+
+def test_dask_items_run_in_the_stages_folder_not_the_workers(cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the workers were started in the repository root
+    done = run_items("dask-test", {"a": {}}, where_item, devices=["cpu"], retries=0, retry_delay_s=0.0,
+                     executor=Executor("dask", cluster.scheduler_address, "cpu"))
+    assert done == {"a": str(tmp_path)} and (tmp_path / "ran-here.txt").read_text() == "a"
+
+
+def test_a_worker_that_cannot_see_the_project_folder_says_so(tmp_path):
+    from pipeline.orchestration.dask import in_folder
+
+    with pytest.raises(FileNotFoundError, match=r"cannot see the project folder .*nowhere: workers need the project "
+                       r"on a filesystem they share"):
+        with in_folder(str(tmp_path / "nowhere")):
+            pass
 
 
 def test_dask_without_a_prefect_server_says_what_to_do(monkeypatch):

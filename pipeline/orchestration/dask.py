@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import importlib
+import os
+import socket
 from typing import Iterator
 
 import dask
@@ -76,14 +78,34 @@ def worker_device(policy: str) -> str:
                        "one is its own: start one worker per GPU with CUDA_VISIBLE_DEVICES=<i> (README)")
 
 
+@contextlib.contextmanager
+def in_folder(folder: str) -> Iterator[None]:
+    """Run in the stage's project folder: params, shards and outputs are paths relative to it, and a worker
+    started elsewhere (``dask worker`` in a home folder, a bench's cluster) would resolve them against its own.
+    Safe to change: a worker has one thread."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"Dask worker on {socket.gethostname()} cannot see the project folder {folder}: "
+                                "workers need the project on a filesystem they share with the stage, at the same "
+                                "path (README, Seeds and scaling out)")
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 class WorkerPlacement:
     """Placement of the ``dask`` executor (picklable: it travels with each item to its worker)."""
 
     def __init__(self, event_name: str, policy: str, on_gpu: bool):
         self.event_name, self.policy, self.on_gpu = event_name, policy, on_gpu
+        self.folder = os.getcwd()  # the stage's project folder, where the item must run
 
-    def device(self) -> contextlib.AbstractContextManager[str]:
-        return contextlib.nullcontext(worker_device(self.policy) if self.on_gpu else "cpu")
+    @contextlib.contextmanager
+    def device(self) -> Iterator[str]:
+        with in_folder(self.folder):
+            yield worker_device(self.policy) if self.on_gpu else "cpu"
 
     def failed(self) -> bool:
         return distributed.Event(self.event_name).is_set()
