@@ -75,6 +75,7 @@ SCHEMA: dict[str, Any] = {
         "shuffle_seed": integer(0),
         "shard_workers": integer(0),
         "max_bad_fraction": number(0.0),
+        "store_max_side": integer(1, nullable=True, default=None),
         "datasets": DictOf(DATASET),
     },
     "tasks": DictOf({"dataset": text(), "source": text(), "target": text()}),

@@ -38,10 +38,14 @@ def _leaf(check, optional: bool, default: Any) -> Field:
     return Field(check, optional or default is not _MISSING, default)
 
 
-def integer(minimum: int | None = None, *, optional: bool = False, default: Any = _MISSING) -> Field:
-    expected = "expected an integer" + (f" >= {minimum}" if minimum is not None else "")
+def integer(minimum: int | None = None, *, optional: bool = False, nullable: bool = False,
+            default: Any = _MISSING) -> Field:
+    expected = ("expected an integer" + (f" >= {minimum}" if minimum is not None else "")
+                + (" or null" if nullable else ""))
 
     def check(v):
+        if v is None and nullable:
+            return None
         if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
             return expected
     return _leaf(check, optional, default)
