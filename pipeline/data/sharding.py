@@ -252,7 +252,8 @@ def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: 
     workers = resolve_workers(workers)
     start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        jobs = [(str(tmp / f"{split}-{i // maxcount:06d}.tar"), dataset, domain, entries[i:i + maxcount], store_max_side)
+        jobs = [(str(tmp / f"{split}-{i // maxcount:06d}.tar"), dataset, domain, entries[i:i + maxcount],
+                 store_max_side)
                 for i in range(0, len(entries), maxcount)]
         results = dict(_run_jobs(jobs, workers, desc=f"shards {where}/{split}"))
         bad = list(skipped) + [Skipped(p, r) for i in range(len(jobs)) for p, r in results[i]["bad"]]
@@ -288,6 +289,7 @@ def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: 
         atomic_write_json(tmp / "manifest.json", manifest)
     elapsed = max(time.perf_counter() - start, 1e-9)
     log.info("%s: wrote %d images (%.1f MB) in %d shard(s) to %s in %.1f s with %d worker(s): %.0f images/s, "
-             "%.1f MB/s; %d file(s) skipped, %d down-sized", where, len(shard_keys), nbytes / 1e6, len(sizes), out_dir, elapsed,
+             "%.1f MB/s; %d file(s) skipped, %d down-sized",
+             where, len(shard_keys), nbytes / 1e6, len(sizes), out_dir, elapsed,
              min(workers, len(jobs)), len(shard_keys) / elapsed, nbytes / 1e6 / elapsed, len(bad), resized)
     return manifest
