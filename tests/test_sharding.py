@@ -173,3 +173,23 @@ def test_store_max_side_rejects_bad_values(tmp_path, bad):
     with pytest.raises(ValueError, match="store_max_side must be null or an integer >= 1"):
         write_shards(samples, tmp_path / "out", dataset="t", domain="d", classes=classes, maxcount=3, seed=0,
                      store_max_side=bad)
+
+
+def test_smoke_sized_images_are_untouched_by_any_accepted_store_size(tmp_path):
+    """The smoke digits are 32 px and its stand-ins need 32 px (37 with the cmkd view): shards stored with
+    any value the stages accept hold the same tar files as raw-byte shards."""
+    from pipeline.data.folders import list_class_tree
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / cls).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "tree" / cls / f"{i}.png").write_bytes(ft.photo_bytes(rng, 32, 32, "PNG"))
+    samples, _ = list_class_tree(tmp_path / "tree", ["a", "b"])
+    kw = dict(dataset="digits", domain="mnist", classes=["a", "b"], maxcount=3, seed=0)
+    write_shards(samples, tmp_path / "raw", **kw)
+    raw = {k: v for k, v in _files(tmp_path / "raw").items() if k.endswith(".tar")}
+    for side in (32, 37, 224, 288):
+        m = write_shards(samples, tmp_path / f"s{side}", store_max_side=side, **kw)
+        assert m["n_resized"] == 0
+        assert {k: v for k, v in _files(tmp_path / f"s{side}").items() if k.endswith(".tar")} == raw

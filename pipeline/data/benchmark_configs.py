@@ -89,6 +89,7 @@ def benchmark_params(base: dict[str, Any], fmt: str) -> dict[str, Any]:
     # Real photos are several hundred to thousands of px a side; decoding them dominates a pass. 288 keeps
     # every preprocess (224 px models, CMKD's Resize(256)) at full quality with margin for a 256-px model.
     params["data"]["store_max_side"] = STORE_MAX_SIDE
+    params["runtime"]["num_workers"] = "auto"  # GPU machines: loader processes keep the accelerator fed
     params["prompts"]["template"] = TEMPLATE
     params["distill"]["ekda"]["template"] = TEMPLATE
     params["distill"]["dapl"]["naive_template"] = TEMPLATE

@@ -64,13 +64,13 @@ def list_images(image_dir: Path, classes: list[str], *, allow_missing_classes: b
 
 def write_domain_shards(image_dir: Path, out_dir: Path, *, dataset: str, domain: str, classes: list[str],
                         maxcount: int, seed: int, split: str = "all", allow_missing_classes: bool = False,
-                        workers: int = 1, max_bad_fraction: float = 0.0) -> dict:
+                        workers: int = 1, max_bad_fraction: float = 0.0, store_max_side: int | None = None) -> dict:
     """Write the class-per-folder tree ``image_dir`` as ``out_dir/<split>-%06d.tar`` shards plus sizes.json
     and manifest.json (:func:`pipeline.data.sharding.write_shards`). Returns the manifest."""
     samples, skipped = list_class_tree(image_dir, classes, allow_missing_classes=allow_missing_classes)
     return write_shards(samples, out_dir, dataset=dataset, domain=domain, classes=classes, maxcount=maxcount,
                         seed=seed, split=split, workers=workers, max_bad_fraction=max_bad_fraction,
-                        skipped=skipped, source={"folder": str(image_dir)})
+                        skipped=skipped, source={"folder": str(image_dir)}, store_max_side=store_max_side)
 
 
 # ----------------------------------------------------------------------------------------- reading
