@@ -313,9 +313,11 @@ def run(job: TaskJob) -> MethodResult:
     # the shorter side the views need (their Resize), so large JPEGs decode at a reduced scale
     size = needed_side(student.identity["preprocess"], (block["augment"],))
     sources = EndlessBatches(job.shard_dir("source"), batch_size=bs, seed=job.seed, with_labels=True,
-                              num_workers=workers, min_size=bs, views=(weak,), decode_size=size)
+                              num_workers=workers, min_size=bs, views=(weak,), decode_size=size,
+                              device=device)
     targets = EndlessBatches(job.shard_dir("target"), batch_size=bs, seed=job.seed + 7919, with_labels=False,
-                              num_workers=workers, min_size=bs, views=views, decode_size=size)
+                              num_workers=workers, min_size=bs, views=views, decode_size=size,
+                              device=device)
 
     def batches(_epoch: int):
         for _ in range(block["iters_per_epoch"]):

@@ -97,11 +97,12 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
     weights = {k: ekda[k] for k in ("text_weight", "image_weight", "kl_weight")}
     targets = EndlessBatches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
                               num_workers=num_workers, min_size=2,  # BatchNorm in the projector needs two samples
-                              **train_views(student_model, augment))
+                              **train_views(student_model, augment, device))
 
     def batches(epoch: int):
         for source in image_loader(source_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                   with_labels=True, num_workers=num_workers, **train_views(teacher_model, augment)):
+                                   with_labels=True, num_workers=num_workers,
+                                   **train_views(teacher_model, augment, device)):
             yield source, next(targets)
 
     def zero_shot_image(keys: list[str], images: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,7 @@ def run(job: TaskJob) -> MethodResult:
     trainable = model.trainable_parameters()
     optimizer, scheduler = sgd_with_cosine(trainable, lr=block["lr"], momentum=job.distill["momentum"],
                                            weight_decay=job.distill["weight_decay"], epochs=block["epochs"])
-    bs, views = block["batch_size"], train_views(base, block["augment"])
+    bs, views = block["batch_size"], train_views(base, block["augment"], job.device)
     targets = EndlessBatches(job.shard_dir("target"), batch_size=bs, seed=job.seed + 7919, with_labels=False,
                              num_workers=job.num_workers, min_size=2, **views)
 

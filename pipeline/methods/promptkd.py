@@ -68,7 +68,7 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     def batches(epoch: int):
         for keys, images in image_loader(shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
                                          with_labels=False, num_workers=num_workers,
-                                         **train_views(student_model, augment)):
+                                         **train_views(student_model, augment, device)):
             if len(keys) >= 2:  # BatchNorm in the projector needs two samples
                 yield keys, images
 

@@ -82,13 +82,15 @@ def predict_student(student: PromptedStudent, class_vectors: torch.Tensor, logit
     return keys, torch.cat(preds).numpy()
 
 
-def train_views(model: LoadedModel, augment: str) -> dict[str, Any]:
+def train_views(model: LoadedModel, augment: str, device: str | None = None) -> dict[str, Any]:
     """``image_loader`` keywords for training images of ``model``: its eval transform (``augment: none``) or
-    one seeded train view of that kind (:func:`pipeline.data.transforms.train_transform`)."""
+    one seeded train view of that kind (:func:`pipeline.data.transforms.train_transform`), the decode size
+    they need, and the ``device`` the batches go to (pinned memory on CUDA)."""
     size = needed_side(model.identity["preprocess"], (augment,))  # large JPEGs decode at a reduced scale
     if augment == "none":
-        return {"transform": model.preprocess, "decode_size": size}
-    return {"views": (train_transform(augment, model.identity["preprocess"]),), "decode_size": size}
+        return {"transform": model.preprocess, "decode_size": size, "device": device}
+    return {"views": (train_transform(augment, model.identity["preprocess"]),), "decode_size": size,
+            "device": device}
 
 
 class EndlessBatches:

@@ -121,7 +121,7 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
             return _cached_batches(feats, labels, batch_size, generator)
         return ((images, None, y) for _, images, y in image_loader(
             shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch, with_labels=True,
-            num_workers=num_workers, **train_views(teacher_model, augment)))
+            num_workers=num_workers, **train_views(teacher_model, augment, device)))
 
     def step(batch, it):
         images, image_feats, y = batch
