@@ -75,6 +75,7 @@ SCHEMA: dict[str, Any] = {
         "shuffle_seed": integer(0),
         "shard_workers": integer(0),
         "max_bad_fraction": number(0.0),
+        "store_max_side": integer(1, nullable=True, default=None),
         "datasets": DictOf(DATASET),
     },
     "tasks": DictOf({"dataset": text(), "source": text(), "target": text()}),
@@ -91,7 +92,7 @@ SCHEMA: dict[str, Any] = {
                 "collapse_fraction": number(0.0, maximum=1.0, exclusive_min=True),
                 **{name: method.params for name, method in METHODS.items()}},  # each method's own block
     "evaluate": {"batch_size": integer(1)},
-    "runtime": {"device": text(DEVICE_POLICIES), "num_workers": integer(0), "retries": integer(0),
+    "runtime": {"device": text(DEVICE_POLICIES), "num_workers": integer(0, words=("auto",)), "retries": integer(0),
                 "retry_delay_s": number(0.0), "deterministic": boolean(),
                 "executor": text(EXECUTORS, default="local"), "dask_address": text(nullable=True, default=None)},
 }

@@ -38,10 +38,15 @@ def _leaf(check, optional: bool, default: Any) -> Field:
     return Field(check, optional or default is not _MISSING, default)
 
 
-def integer(minimum: int | None = None, *, optional: bool = False, default: Any = _MISSING) -> Field:
-    expected = "expected an integer" + (f" >= {minimum}" if minimum is not None else "")
+def integer(minimum: int | None = None, *, optional: bool = False, nullable: bool = False,
+            words: tuple[str, ...] = (), default: Any = _MISSING) -> Field:
+    """An integer (>= ``minimum``), or null when ``nullable``, or one of the strings ``words``."""
+    expected = ("expected an integer" + (f" >= {minimum}" if minimum is not None else "")
+                + (" or null" if nullable else "") + "".join(f" or {w!r}" for w in words))
 
     def check(v):
+        if (v is None and nullable) or (isinstance(v, str) and v in words):
+            return None
         if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
             return expected
     return _leaf(check, optional, default)

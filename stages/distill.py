@@ -20,6 +20,7 @@ import torch
 
 from pipeline.artifacts import Artifacts, distill_seeds, run_name
 from pipeline.command import entry
+from pipeline.data.transforms import check_store_size
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json, read_json
 from pipeline.methods import METHODS
 from pipeline.methods.base import TaskJob
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
         def train(name, task, run_params, device, out, snapshot):
             models = {role: load_model(spec, device=device) for role, spec in specs.items()}
+            # Any model may read the task's shards, through its eval transform or the method's train view.
+            shards = [artifacts.shards(task["dataset"], task[side]) for side in ("source", "target")]
+            kinds = (d[method.name].get("augment", "none"),)
+            for role, model in models.items():
+                check_store_size(shards, model.identity["preprocess"], role=role, name=specs[role].name, kinds=kinds)
             job = TaskJob(name=name, task=task, params=run_params, models=models, device=device, artifacts=artifacts,
                           checkpoint_path=snapshot, output=out)
             result = method.run(job)

@@ -20,6 +20,7 @@ from pipeline.command import entry
 from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_keys
+from pipeline.data.transforms import check_store_size, needed_side
 from pipeline.features.cache import (build_index, conditional_logits, encode_images, encode_shards, logits,
                                      mean_conditioned_vectors, prompted_vectors, save_index, zero_shot_vectors)
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, load_checkpoint
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def domain_work(name, pair, device):
             teacher = load_model(spec, device=device)
+            check_store_size([shard_dir(params, *pair)], teacher.identity["preprocess"], role="teacher",
+                             name=spec.name)
             keys, feats = encode_images(teacher, shard_dir(params, *pair), batch_size=ft["batch_size"],
                                         device=device, num_workers=rt["num_workers"], desc=f"features {name}")
             out = cache.domain(*pair)
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                     _, encoded, _ = encode_shards(teacher.image_features, shard_dir(params, task["dataset"], task[side]),
                                                   transform=model.preprocess, batch_size=ft["batch_size"],
                                                   device=device, precision=precision,
-                                                  num_workers=rt["num_workers"], desc=f"prompted features {side}")
+                                                  num_workers=rt["num_workers"], desc=f"prompted features {side}",
+                                                  decode_size=needed_side(model.identity["preprocess"]))
                     feats = encoded.numpy().astype(np.float32)
                     if side == "target":
                         atomic_save_npy(out.target_features, feats)

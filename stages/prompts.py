@@ -16,6 +16,7 @@ from pipeline.artifacts import Artifacts
 from pipeline.command import entry
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_classes
+from pipeline.data.transforms import check_store_size
 from pipeline.features.cache import zero_shot_vectors
 from pipeline.io import atomic_dir, atomic_torch_save, atomic_write_json
 from pipeline.methods.prompt_kinds import teacher_architecture, training_settings
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def train(name, task, device, out_dir, snapshot):
             teacher = load_model(spec, device=device)
+            check_store_size([shard_dir(params, task["dataset"], task["source"])], teacher.identity["preprocess"],
+                             role="teacher", name=spec.name, kinds=(pr["augment"],))
             classes = shard_classes(*(shard_dir(params, task["dataset"], task[s]) for s in ("source", "target")))
             classnames = [prompt_name(c) for c in classes]
             zs_text = None

@@ -45,13 +45,15 @@ def main(argv: list[str] | None = None) -> None:
             manifest = write_shards(samples, tmp / dataset / domain, dataset=dataset, domain=domain,
                                     classes=classes[dataset], maxcount=data["shard_maxcount"],
                                     seed=data["shuffle_seed"], workers=data["shard_workers"],
-                                    max_bad_fraction=data["max_bad_fraction"], skipped=skipped, source=source)
+                                    max_bad_fraction=data["max_bad_fraction"], skipped=skipped, source=source,
+                                    store_max_side=data["store_max_side"])
             expected = expected_count(ds, domain)
             if expected is not None and manifest["n"] != expected:
                 logging.getLogger(__name__).warning(
                     "%s/%s: %d images, the official release has %d (partial download or a different version?)",
                     dataset, domain, manifest["n"], expected)
             return {"n": manifest["n"], "shards": len(manifest["shards"]), "skipped": manifest["n_skipped"],
+                    "resized": manifest["n_resized"],
                     "expected": expected}
 
         run_stage_items(STAGE, params, items, work, label=task_label(params), on_gpu=False)

@@ -24,6 +24,28 @@ def image_bytes(rng: np.random.Generator, fmt: str = "JPEG", size: int = 8) -> b
     return buf.getvalue()
 
 
+def photo_bytes(rng: np.random.Generator, width: int, height: int, fmt: str = "JPEG") -> bytes:
+    """A photo-like image: smooth colour gradients and blobs plus mild noise (JPEG quality 90).
+
+    Random pixels have no low frequencies, so reduced-scale decoding and resizing behave unlike on photos;
+    these do not.
+    """
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(0.5, 3.0), rng.uniform(0.5, 3.0), rng.uniform(0, 6.3)
+        c = np.sin(2 * np.pi * (fx * x / width + fy * y / height) + phase)
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.1, 0.4) * min(width, height)
+        c += 1.5 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))
+        channels.append(c)
+    img = np.stack(channels, axis=-1)
+    img = (img - img.min()) / (img.max() - img.min() + 1e-6) * 235 + rng.normal(0, 4, img.shape)
+    buf = io.BytesIO()
+    kw = {"quality": 90} if fmt == "JPEG" else {}
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
 def corrupt_jpeg(rng: np.random.Generator) -> bytes:
     """A JPEG header followed by garbage (no decodable scan, no end marker)."""
     return b"\xff\xd8\xff\xe0" + rng.integers(0, 256, size=200, dtype=np.uint8).tobytes()

@@ -209,3 +209,28 @@ def test_loader_single_view_and_worker_counts(cfg32, digits_shards):
     assert all(img.shape == (3, 32, 32) for img, _ in a.values())
     w1 = _views_pass(shard_dir, views, epoch=3, num_workers=1)
     assert all(torch.equal(img, a[k][0]) for k, (img, _) in w1.items()) and sorted(w1) == sorted(a)
+
+
+def test_store_size_check_names_setting_value_model_and_fix(tmp_path):
+    import json
+
+    from pipeline.data.transforms import StoreSizeError, check_store_size, needed_side
+
+    cfg = {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert needed_side(cfg) == 224 and needed_side(cfg, ("dassl",)) == 224 and needed_side(cfg, ("cmkd",)) == 256
+    assert needed_side({**cfg, "size": [336, 336]}, ("cmkd",)) == 384
+    dirs = {}
+    for stored in (None, 224, 200, 256):
+        dirs[stored] = tmp_path / f"s{stored}"
+        dirs[stored].mkdir()
+        (dirs[stored] / "manifest.json").write_text(json.dumps({"store_max_side": stored}))
+    check_store_size([dirs[None], dirs[224]], cfg, role="teacher", name="ViT-B-16")  # passes
+    check_store_size([dirs[256]], cfg, role="student", name="ViT-B-16", kinds=("cmkd",))
+    with pytest.raises(StoreSizeError) as err:
+        check_store_size([dirs[224], dirs[200]], cfg, role="teacher", name="ViT-B-16")
+    assert str(err.value) == ("data.store_max_side: 200 is smaller than the 224 px the teacher's preprocess needs "
+                              "(model.teacher: ViT-B-16); set it to at least 224 (or null) and re-run dvc repro -s "
+                              "shard")
+    with pytest.raises(StoreSizeError, match="the 256 px the student's preprocess with the cmkd train view needs"):
+        check_store_size([dirs[224]], cfg, role="student", name="RN50", kinds=("cmkd",))
+    assert isinstance(err.value, ValueError)  # the stage entry prints it as one line

@@ -1,4 +1,4 @@
-"""Write a domain's samples as deterministic webdataset shards, in parallel, passing raw bytes through.
+"""Write a domain's samples as deterministic webdataset shards, in parallel: raw bytes, or down-sized.
 
 Output (one folder per domain; the format every downstream stage reads, see ``shards.py``)::
 
@@ -17,6 +17,15 @@ shard; bad files are left out and listed in the manifest with the reason. More t
 of a domain bad (counting non-image files found while listing) fails the domain, and nothing is written.
 The ``.jpg`` member holds the bytes as they were, whatever the format (PNG for VisDA): every reader
 decodes with PIL, which goes by content; the json member records the real format.
+
+Stored size (``store_max_side``, the ``data.store_max_side`` param): ``None`` keeps the raw bytes. A number
+``s`` stores every image whose SHORTER side is above ``s`` resized (bicubic, aspect kept) so that its shorter
+side is ``s``: every preprocess downstream (open_clip's resize-shorter-side-then-centre-crop, CMKD's
+Resize((256, 256)) and RandomResizedCrop) needs the shorter side, never the longer one, at its input size.
+Resized images are re-encoded as JPEG at ``JPEG_QUALITY`` (PNG sources stay PNG: lossless); images already
+at or below ``s`` keep their raw bytes. The result is a pure function of the bytes, so shards stay
+byte-identical for any worker count. The manifest records ``store_max_side`` and ``jpeg_quality``; readers
+check them against each model's input size (:func:`pipeline.data.shards.check_store_size`).
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from PIL import Image
+
 from pipeline.data.imagecheck import check_image
 from pipeline.data.samples import Sample, Skipped, check_classes
 from pipeline.io import atomic_dir, atomic_write_json
@@ -46,6 +57,7 @@ log = logging.getLogger(__name__)
 TAR_MTIME = 0  # fixed tar header fields so a re-run gives byte-identical shards (stable DVC hashes)
 TAR_USER = TAR_GROUP = "uda"
 TAR_MODE = 0o444
+JPEG_QUALITY = 95  # re-encode quality of down-sized JPEGs (recorded in the manifest); PNGs stay lossless
 
 
 class BadDataError(ValueError):
@@ -90,14 +102,43 @@ class _HashingFile:
         self.raw.close()
 
 
-def write_one_shard(job: tuple[str, str, str, list[tuple[str, str, str, int, str]]]) -> dict[str, Any]:
-    """Write one tar: ``job = (tar_path, dataset, domain, [(key, relpath, path, label, classname), ...])``.
+def stored_bytes(data: bytes, fmt: str, max_side: int | None) -> tuple[bytes, tuple[int, int] | None]:
+    """The bytes to store for a checked image and, when it was resized, its original ``(width, height)``.
+
+    ``max_side`` bounds the SHORTER side (see the module docstring); ``None`` or a small enough image gives
+    ``data`` untouched. Down-sized: bicubic, aspect kept, PNG stays PNG, anything else becomes JPEG at
+    ``JPEG_QUALITY`` (fixed encoder settings, so the same input always gives the same bytes).
+    """
+    if max_side is None:
+        return data, None
+    with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if min(w, h) <= max_side:
+            return data, None
+        scale = max_side / min(w, h)
+        size = (max_side, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), max_side)
+        png = fmt == "png"
+        # Every reader converts to RGB; keep alpha only where PNG can store it.
+        mode = "RGBA" if png and ("A" in img.getbands() or "transparency" in img.info) else "RGB"
+        small = img.convert(mode).resize(size, Image.BICUBIC)
+    out = io.BytesIO()
+    if png:
+        small.save(out, format="PNG", optimize=False)
+    else:
+        small.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling="4:2:0", optimize=False)
+    return out.getvalue(), (w, h)
+
+
+def write_one_shard(job: tuple[str, str, str, list[tuple[str, str, str, int, str]], int | None]
+                    ) -> dict[str, Any]:
+    """Write one tar: ``job = (tar_path, dataset, domain, [(key, relpath, path, label, classname), ...],
+    store_max_side)``.
 
     Returns what went in (keys, labels, formats, bytes, the tar's sha256) and what was left out (relpath,
     reason).
     """
-    tar_path, dataset, domain, entries = job
-    keys, labels, bad, formats, nbytes = [], [], [], {}, 0
+    tar_path, dataset, domain, entries, max_side = job
+    keys, labels, bad, formats, nbytes, resized = [], [], [], {}, 0, 0
     out = _HashingFile(tar_path)
     with out, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, relpath, path, label, classname in entries:
@@ -111,16 +152,21 @@ def write_one_shard(job: tuple[str, str, str, list[tuple[str, str, str, int, str
                 bad.append((relpath, problem))
                 continue
             meta = {"path": relpath, "dataset": dataset, "domain": domain, "classname": classname, "format": fmt}
+            data, original = stored_bytes(data, fmt, max_side)
+            if original is not None:
+                meta["original_size"] = list(original)
+                meta["format"] = "png" if fmt == "png" else "jpeg"
+                resized += 1
             # Member order as webdataset's TarWriter writes it: extensions sorted.
             _add(tar, f"{key}.cls", str(label).encode("ascii"))
-            _add(tar, f"{key}.jpg", data)  # raw bytes: no re-encode, whatever the format
+            _add(tar, f"{key}.jpg", data)  # raw bytes unless down-sized, whatever the format
             _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
             keys.append(key)
             labels.append(label)
             formats[fmt] = formats.get(fmt, 0) + 1
             nbytes += len(data)
     return {"tar": tar_path, "keys": keys, "labels": labels, "bad": bad, "formats": formats, "bytes": nbytes,
-            "n_in": len(entries), "sha256": out.sha256.hexdigest()}
+            "resized": resized, "n_in": len(entries), "sha256": out.sha256.hexdigest()}
 
 
 def _run_jobs(jobs: list, workers: int, desc: str):
@@ -172,16 +218,21 @@ def _bad_fraction_error(where: str, bad: list[Skipped], total: int, threshold: f
 
 def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: str, domain: str,
                  classes: list[str], maxcount: int, seed: int, split: str = "all", workers: int = 1,
-                 max_bad_fraction: float = 0.0, skipped: list[Skipped] = (), source: dict | None = None) -> dict:
+                 max_bad_fraction: float = 0.0, skipped: list[Skipped] = (), source: dict | None = None,
+                 store_max_side: int | None = None) -> dict:
     """Write ``samples`` as ``out_dir/<split>-%06d.tar`` plus sizes.json and manifest.json; return the manifest.
 
     ``skipped``: files the importer already left out (counted towards ``max_bad_fraction``).
     ``workers``: processes (0 = one per core); the output does not depend on it.
+    ``store_max_side``: ``None`` stores raw bytes; a number bounds each image's shorter side (module docstring).
     """
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits or '_' (it names the shard files)")
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    if store_max_side is not None and (isinstance(store_max_side, bool) or not isinstance(store_max_side, int)
+                                       or store_max_side < 1):
+        raise ValueError(f"store_max_side must be null or an integer >= 1, got {store_max_side!r}")
     classes = check_classes(classes)
     where = f"{dataset}/{domain}"
     if not samples:
@@ -201,14 +252,15 @@ def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: 
     workers = resolve_workers(workers)
     start = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        jobs = [(str(tmp / f"{split}-{i // maxcount:06d}.tar"), dataset, domain, entries[i:i + maxcount])
+        jobs = [(str(tmp / f"{split}-{i // maxcount:06d}.tar"), dataset, domain, entries[i:i + maxcount],
+                 store_max_side)
                 for i in range(0, len(entries), maxcount)]
         results = dict(_run_jobs(jobs, workers, desc=f"shards {where}/{split}"))
         bad = list(skipped) + [Skipped(p, r) for i in range(len(jobs)) for p, r in results[i]["bad"]]
         total = len(samples) + len(skipped)
         if len(bad) / total > max_bad_fraction:
             raise _bad_fraction_error(where, bad, total, max_bad_fraction)
-        sizes, hashes, shard_keys, counts, formats, nbytes = {}, {}, [], {c: 0 for c in classes}, {}, 0
+        sizes, hashes, shard_keys, counts, formats, nbytes, resized = {}, {}, [], {c: 0 for c in classes}, {}, 0, 0
         for i in range(len(jobs)):
             r = results[i]
             name = Path(r["tar"]).name
@@ -222,6 +274,7 @@ def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: 
             for fmt, n in r["formats"].items():
                 formats[fmt] = formats.get(fmt, 0) + n
             nbytes += r["bytes"]
+            resized += r["resized"]
         if not shard_keys:
             raise BadDataError(f"{where}: none of the {total} files is a readable image")
         manifest = {"dataset": dataset, "domain": domain, "split": split, "classes": classes, "counts": counts,
@@ -229,11 +282,14 @@ def write_shards(samples: list[Sample], out_dir: str | os.PathLike, *, dataset: 
                     # what every reader checks a shard against (pipeline.data.shards.shard_plan)
                     "shard_files": {name: {"n": n, "sha256": hashes[name]} for name, n in sizes.items()},
                     "maxcount": maxcount, "formats": dict(sorted(formats.items())), "source": source or {},
+                    # the stored size every reader checks against its model's input size
+                    "store_max_side": store_max_side, "jpeg_quality": JPEG_QUALITY, "n_resized": resized,
                     "n_skipped": len(bad), "skipped": [{"path": s.relpath, "reason": s.reason} for s in bad]}
         atomic_write_json(tmp / "sizes.json", sizes)
         atomic_write_json(tmp / "manifest.json", manifest)
     elapsed = max(time.perf_counter() - start, 1e-9)
     log.info("%s: wrote %d images (%.1f MB) in %d shard(s) to %s in %.1f s with %d worker(s): %.0f images/s, "
-             "%.1f MB/s; %d file(s) skipped", where, len(shard_keys), nbytes / 1e6, len(sizes), out_dir, elapsed,
-             min(workers, len(jobs)), len(shard_keys) / elapsed, nbytes / 1e6 / elapsed, len(bad))
+             "%.1f MB/s; %d file(s) skipped, %d down-sized",
+             where, len(shard_keys), nbytes / 1e6, len(sizes), out_dir, elapsed,
+             min(workers, len(jobs)), len(shard_keys) / elapsed, nbytes / 1e6 / elapsed, len(bad), resized)
     return manifest

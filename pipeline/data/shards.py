@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import random
 from functools import partial
 from pathlib import Path
@@ -63,13 +64,13 @@ def list_images(image_dir: Path, classes: list[str], *, allow_missing_classes: b
 
 def write_domain_shards(image_dir: Path, out_dir: Path, *, dataset: str, domain: str, classes: list[str],
                         maxcount: int, seed: int, split: str = "all", allow_missing_classes: bool = False,
-                        workers: int = 1, max_bad_fraction: float = 0.0) -> dict:
+                        workers: int = 1, max_bad_fraction: float = 0.0, store_max_side: int | None = None) -> dict:
     """Write the class-per-folder tree ``image_dir`` as ``out_dir/<split>-%06d.tar`` shards plus sizes.json
     and manifest.json (:func:`pipeline.data.sharding.write_shards`). Returns the manifest."""
     samples, skipped = list_class_tree(image_dir, classes, allow_missing_classes=allow_missing_classes)
     return write_shards(samples, out_dir, dataset=dataset, domain=domain, classes=classes, maxcount=maxcount,
                         seed=seed, split=split, workers=workers, max_bad_fraction=max_bad_fraction,
-                        skipped=skipped, source={"folder": str(image_dir)})
+                        skipped=skipped, source={"folder": str(image_dir)}, store_max_side=store_max_side)
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -175,17 +176,28 @@ def _seeded_shuffle(src, *, seed: int, epoch: int, bufsize: int):
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
 
-def _decode(sample: dict, *, transform: Callable, with_labels: bool) -> tuple:
-    image = transform(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+def open_rgb(data: bytes, decode_size: int | None = None) -> Image.Image:
+    """Decode image bytes to RGB. With ``decode_size`` (the shorter side the transform needs), a JPEG at
+    least twice that size is decoded at a reduced DCT scale (PIL ``draft``: 1/2, 1/4 or 1/8), never below
+    ``decode_size`` a side: most of a large JPEG's decode time goes into pixels the resize throws away.
+    Other formats, and JPEGs under twice the size, decode in full. Deterministic, like a full decode."""
+    img = Image.open(io.BytesIO(data))
+    if decode_size is not None and img.format == "JPEG" and min(img.size) >= 2 * decode_size:
+        img.draft("RGB", (decode_size, decode_size))  # keeps both sides >= decode_size
+    return img.convert("RGB")
+
+
+def _decode(sample: dict, *, transform: Callable, with_labels: bool, decode_size: int | None = None) -> tuple:
+    image = transform(open_rgb(sample["jpg"], decode_size))
     if with_labels:
         return sample["__key__"], image, int(sample["cls"])
     return sample["__key__"], image
 
 
 def _decode_views(sample: dict, *, views: tuple[Callable, ...], seed: int, epoch: int,
-                  with_labels: bool) -> tuple:
+                  with_labels: bool, decode_size: int | None = None) -> tuple:
     key = sample["__key__"]
-    pil = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+    pil = open_rgb(sample["jpg"], decode_size)
     in_main = torch.utils.data.get_worker_info() is None  # a worker process has no caller state to keep
     images = tuple(seeded_call(view, pil, view_seed(seed, epoch, key, v), restore=in_main)
                    for v, view in enumerate(views))
@@ -227,7 +239,8 @@ class _Sized(torch.utils.data.IterableDataset):
 
 def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_size: int, shuffle: bool,
                  seed: int = 0, epoch: int = 0, with_labels: bool, num_workers: int = 0,
-                 views: tuple[Callable, ...] | None = None) -> torch.utils.data.DataLoader:
+                 views: tuple[Callable, ...] | None = None, decode_size: int | None = None,
+                 device: str | torch.device | None = None) -> torch.utils.data.DataLoader:
     """DataLoader yielding ``(keys, images)`` or, with labels, ``(keys, images, labels)`` batches.
 
     Give exactly one of ``transform`` and ``views``. ``transform`` is applied as is (a deterministic eval
@@ -243,6 +256,11 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
     Without labels the ``.cls`` members are never even read from the tars. Each worker checks every shard
     it reads against the manifest before shuffling (:func:`checked_keys`): a mismatch raises
     :class:`ShardIntegrityError` in the caller.
+
+    ``decode_size``: the shorter side the transform(s) need (:func:`pipeline.data.transforms.needed_side`);
+    large JPEGs are then decoded at a reduced scale (:func:`open_rgb`). ``None`` decodes in full.
+    ``num_workers``: a count or ``"auto"`` (:func:`resolve_num_workers`). ``device``: where the batches go;
+    on CUDA with workers, batches come in pinned memory and each worker keeps ``PREFETCH_FACTOR`` batches ready.
     """
     if (transform is None) == (views is None):
         raise ValueError("image_loader: give exactly one of transform (eval) and views (seeded training "
@@ -261,7 +279,7 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
         # and each worker gets different shards every epoch.
         shards = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
     # A worker without a shard would only idle (and trip webdataset's empty check).
-    num_workers = min(num_workers, len(shards))
+    num_workers = min(resolve_num_workers(num_workers), len(shards))
 
     suffixes = (".jpg", ".cls") if with_labels else (".jpg",)
     dataset = wds.DataPipeline(wds.SimpleShardList([str(shard_dir / s) for s in shards]), wds.split_by_worker,
@@ -269,9 +287,10 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
     if shuffle:
         dataset = dataset.compose(partial(_seeded_shuffle, seed=seed, epoch=epoch, bufsize=SHUFFLE_BUFFER))
     if views is None:
-        decode = partial(_decode, transform=transform, with_labels=with_labels)
+        decode = partial(_decode, transform=transform, with_labels=with_labels, decode_size=decode_size)
     else:
-        decode = partial(_decode_views, views=views, seed=seed, epoch=epoch, with_labels=with_labels)
+        decode = partial(_decode_views, views=views, seed=seed, epoch=epoch, with_labels=with_labels,
+                         decode_size=decode_size)
     dataset = dataset.compose(wds.map(decode), wds.batched(batch_size, collation_fn=_collate, partial=True))
 
     # Exact batch count: each worker reads shards[w::W] and keeps its own last partial batch.
@@ -282,7 +301,31 @@ def image_loader(shard_dir: Path, *, transform: Callable | None = None, batch_si
     context = "forkserver" if num_workers > 0 else None
     return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=num_workers,
                                        collate_fn=_as_is, persistent_workers=False,
-                                       multiprocessing_context=context)
+                                       multiprocessing_context=context, **cuda_loader_options(device, num_workers))
+
+
+PREFETCH_FACTOR = 4  # batches each worker keeps ready on CUDA (torch's default is 2)
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """``runtime.num_workers``: a count, or ``"auto"``: one loader process per core but one (kept for the
+    main process, which feeds the accelerator), at most ``MAX_AUTO_WORKERS``, and 0 on a machine with 2 cores
+    or fewer, where a worker would only compete with the main process for a core."""
+    if num_workers == "auto":
+        cores = os.cpu_count() or 1
+        return 0 if cores <= 2 else min(cores - 1, MAX_AUTO_WORKERS)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an integer >= 0 or 'auto', got {num_workers!r}")
+    return num_workers
+
+
+def cuda_loader_options(device: str | torch.device | None, num_workers: int) -> dict[str, Any]:
+    """DataLoader keywords for batches headed to ``device``: pinned memory on CUDA (faster, asynchronous
+    host-to-device copies) and, with workers, a deeper prefetch queue. Neither changes batches or order."""
+    if device is None or torch.device(device).type != "cuda":
+        return {}
+    return {"pin_memory": True, **({"prefetch_factor": PREFETCH_FACTOR} if num_workers > 0 else {})}
 
 
 # ----------------------------------------------------------------------------------------- folders

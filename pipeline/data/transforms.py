@@ -46,6 +46,8 @@ from timm.data.auto_augment import rand_augment_transform
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from pipeline.data.shards import read_manifest
+
 TRAIN_TRANSFORMS: tuple[str, ...] = ("none", "dassl", "cmkd", "cmkd_visda")
 
 #: CMKD's FixMatch RandAugment: 2 ops per image, magnitude 10, Gaussian magnitude noise (std 0.5).
@@ -151,3 +153,38 @@ def strong_transform(preprocess_cfg: Mapping[str, Any], *, visda: bool = False) 
         _normalize(preprocess_cfg),
     ])
 
+
+
+# ----------------------------------------------------------------------------------- stored image size
+
+
+class StoreSizeError(ValueError):
+    """The shards store images smaller than a model's preprocess needs (``data.store_max_side`` too low)."""
+
+
+def needed_side(preprocess_cfg: Mapping[str, Any], kinds: tuple[str, ...] = ()) -> int:
+    """The shorter side (px) a stored image needs so that the eval transform and the train views ``kinds``
+    never upsample it: the model's input size, or ``r`` of the ``cmkd`` kinds' Resize((r, r)) (256 for a
+    224-px model; its strong view resizes the same). Every transform here sizes by the shorter side (or a
+    square), which is why ``data.store_max_side`` bounds the shorter side."""
+    hw = _size_hw(preprocess_cfg)
+    need = max(hw)
+    if "cmkd" in kinds:
+        need = max(need, *_scaled(256, hw))
+    return need
+
+
+def check_store_size(shard_dirs, preprocess_cfg: Mapping[str, Any], *, role: str, name: str,
+                     kinds: tuple[str, ...] = ()) -> None:
+    """Raise :class:`StoreSizeError` when a shard folder's manifest says its images were stored with a
+    shorter side below what the ``role`` model ``name``'s preprocess (and train views ``kinds``) needs;
+    ``store_max_side: null`` (raw bytes) always passes. The one check the features and distill stages make
+    before reading shards for a model."""
+    need = needed_side(preprocess_cfg, kinds)
+    for shard_dir in shard_dirs:
+        stored = read_manifest(shard_dir).get("store_max_side")
+        if stored is not None and stored < need:
+            view = " with the cmkd train view" if need > max(_size_hw(preprocess_cfg)) else ""
+            raise StoreSizeError(f"data.store_max_side: {stored} is smaller than the {need} px the {role}'s "
+                                 f"preprocess{view} needs (model.{role}: {name}); set it to at least {need} (or "
+                                 f"null) and re-run dvc repro -s shard")

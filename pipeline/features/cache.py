@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.data.shards import image_loader, shard_keys
+from pipeline.data.transforms import needed_side
 from pipeline.io import atomic_write
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.teacher_prompts import PromptedTeacher
@@ -24,18 +25,20 @@ FAISS_INDEXES = ("flat_ip",)
 @torch.no_grad()
 def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str | Path, *, transform,
                   batch_size: int, device: str, precision: str, with_labels: bool = False,
-                  num_workers: int = 0, desc: str = "features"
+                  num_workers: int | str = 0, desc: str = "features", decode_size: int | None = None
                   ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Run ``encode`` (images -> features) over every image of ``shard_dir``.
 
     Returns keys, L2-normalised float features [N, D] on the CPU, and the labels when ``with_labels``
     (otherwise ``None``: the loader then never reads them), in manifest key order for any ``num_workers``
     (workers interleave batches; readers of the cache check its keys against the manifest's).
+    ``decode_size``: the shorter side ``transform`` needs (reduced-scale JPEG decoding, see ``image_loader``).
     """
     keys: list[str] = []
     feats, labels = [], []
     loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
-                          with_labels=with_labels, num_workers=num_workers)
+                          with_labels=with_labels, num_workers=num_workers, decode_size=decode_size,
+                          device=device)
     for batch in progress(loader, desc=desc, unit="batch", leave=False):
         with autocast(precision, device):
             out = encode(batch[1].to(device))
@@ -51,12 +54,13 @@ def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str
 
 
 def encode_images(model: LoadedModel, shard_dir: str | Path, *, batch_size: int, device: str,
-                  num_workers: int = 0, desc: str = "features") -> tuple[list[str], np.ndarray]:
+                  num_workers: int | str = 0, desc: str = "features") -> tuple[list[str], np.ndarray]:
     """Keys (shard order) and L2-normalised image features [N, D] of every image; no labels are read."""
     model.model.to(device)
     keys, feats, _ = encode_shards(model.model.encode_image, shard_dir, transform=model.preprocess,
                                    batch_size=batch_size, device=device, precision=model.spec.precision,
-                                   num_workers=num_workers, desc=desc)
+                                   num_workers=num_workers, desc=desc,
+                                   decode_size=needed_side(model.identity["preprocess"]))
     return keys, feats.numpy().astype(np.float32)
 
 

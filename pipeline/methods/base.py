@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.artifacts import REBUILD, SIDES, Artifacts, StaleCacheError, StudentOutput, TaskFeatures
 from pipeline.data.classlists import prompt_name
-from pipeline.data.shards import read_labels, shard_keys
+from pipeline.data.shards import read_labels, resolve_num_workers, shard_keys
 from pipeline.models.factory import LoadedModel
 from pipeline.schema import Block
 
@@ -105,7 +105,8 @@ class TaskJob:
 
     @property
     def num_workers(self) -> int:
-        return self.params["runtime"]["num_workers"]
+        """``runtime.num_workers`` as a count (``auto`` resolved for this machine)."""
+        return resolve_num_workers(self.params["runtime"]["num_workers"])
 
     @property
     def eval_batch_size(self) -> int:

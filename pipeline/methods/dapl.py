@@ -163,7 +163,7 @@ def _augmented_batches(model: LoadedModel, *, naive: KeyedRows, source_dir, targ
                        num_workers: int, batch_size: int, seed: int, device: str):
     """Batches of frozen image features of random train views (source feats, labels, target feats, naive
     probs), and the target stream (its position is resume state)."""
-    views = train_views(model, augment)
+    views = train_views(model, augment, device)
 
     def encode(images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast(model.spec.precision, device):

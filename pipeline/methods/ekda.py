@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.data.shards import image_loader
-from pipeline.data.transforms import TRAIN_TRANSFORMS
+from pipeline.data.transforms import TRAIN_TRANSFORMS, needed_side
 from pipeline.features.cache import encode_shards, logits, softmax_np
 from pipeline.losses import DistillLoss, build_distill_loss, loss_schema
 from pipeline.methods import param_counts
@@ -97,11 +97,12 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
     weights = {k: ekda[k] for k in ("text_weight", "image_weight", "kl_weight")}
     targets = EndlessBatches(target_dir, batch_size=batch_size, seed=seed + 7919, with_labels=False,
                               num_workers=num_workers, min_size=2,  # BatchNorm in the projector needs two samples
-                              **train_views(student_model, augment))
+                              **train_views(student_model, augment, device))
 
     def batches(epoch: int):
         for source in image_loader(source_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
-                                   with_labels=True, num_workers=num_workers, **train_views(teacher_model, augment)):
+                                   with_labels=True, num_workers=num_workers,
+                                   **train_views(teacher_model, augment, device)):
             yield source, next(targets)
 
     def zero_shot_image(keys: list[str], images: torch.Tensor) -> torch.Tensor:
@@ -133,12 +134,14 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
         text = final_class_vectors()
         keys, preds = predict_student(student, text, scale, loss, target_dir, transform=student_model.preprocess,
                                       batch_size=eval_batch_size, device=device, precision=s_prec,
-                                      num_workers=num_workers)
+                                      num_workers=num_workers,
+                                      decode_size=needed_side(student_model.identity["preprocess"]))
         # The reference is the teacher as it is now (it keeps learning), whose arg-max makes the student's
         # pseudo-labels (before any kNN refinement); one more teacher pass over the target per epoch.
         t_keys, g_t, _ = encode_shards(teacher.image_features, target_dir, transform=teacher_model.preprocess,
                                        batch_size=eval_batch_size, device=device, precision=t_prec,
-                                       num_workers=num_workers, desc="teacher predict")
+                                       num_workers=num_workers, desc="teacher predict",
+                                       decode_size=needed_side(teacher_model.identity["preprocess"]))
         if t_keys != keys:
             raise RuntimeError("ekda: teacher and student predictions came in a different image order")
         return Prediction(keys, preds, reference=(g_t.to(device) @ text.t()).argmax(1).cpu().numpy())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.data.shards import image_loader
-from pipeline.data.transforms import train_transform
+from pipeline.data.transforms import needed_side, train_transform
 from pipeline.features.cache import encode_shards
 from pipeline.models.factory import LoadedModel
 from pipeline.models.prompted import PromptedStudent
@@ -67,12 +67,13 @@ def build_teacher(model: LoadedModel, classnames: list[str], architecture: dict[
 @torch.no_grad()
 def predict_student(student: PromptedStudent, class_vectors: torch.Tensor, logit_scale: float, loss,
                     shard_dir: Path, *, transform, batch_size: int, device: str, precision: str,
-                    num_workers: int = 0) -> tuple[list[str], np.ndarray]:
+                    num_workers: int = 0, decode_size: int | None = None) -> tuple[list[str], np.ndarray]:
     """Keys and predictions over ``shard_dir`` in shard order (no labels read), through the loss's inference rule."""
     student.eval()
     loss.eval()
     keys, feats, _ = encode_shards(student, shard_dir, transform=transform, batch_size=batch_size,
-                                   device=device, precision=precision, num_workers=num_workers, desc="predict")
+                                   device=device, precision=precision, num_workers=num_workers, desc="predict",
+                                   decode_size=decode_size)
     preds = []
     for chunk in torch.split(feats, 4096):
         chunk = chunk.to(device)
@@ -81,12 +82,15 @@ def predict_student(student: PromptedStudent, class_vectors: torch.Tensor, logit
     return keys, torch.cat(preds).numpy()
 
 
-def train_views(model: LoadedModel, augment: str) -> dict[str, Any]:
+def train_views(model: LoadedModel, augment: str, device: str | None = None) -> dict[str, Any]:
     """``image_loader`` keywords for training images of ``model``: its eval transform (``augment: none``) or
-    one seeded train view of that kind (:func:`pipeline.data.transforms.train_transform`)."""
+    one seeded train view of that kind (:func:`pipeline.data.transforms.train_transform`), the decode size
+    they need, and the ``device`` the batches go to (pinned memory on CUDA)."""
+    size = needed_side(model.identity["preprocess"], (augment,))  # large JPEGs decode at a reduced scale
     if augment == "none":
-        return {"transform": model.preprocess}
-    return {"views": (train_transform(augment, model.identity["preprocess"]),)}
+        return {"transform": model.preprocess, "decode_size": size, "device": device}
+    return {"views": (train_transform(augment, model.identity["preprocess"]),), "decode_size": size,
+            "device": device}
 
 
 class EndlessBatches:
