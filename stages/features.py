@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         def domain_work(name, pair, device):
             teacher = load_model(spec, device=device)
             keys, feats = encode_images(teacher, shard_dir(params, *pair), batch_size=ft["batch_size"],
-                                        device=device, num_workers=rt["num_workers"], desc=f"features {name}")
+                                        device=device, num_workers=rt["num_workers"], desc=f"features {name}",
+                                        decode=rt.get("decode", "cpu"))
             out = cache.domain(*pair)
             atomic_save_npy(out.features_path, feats)
             atomic_write_json(out.keys_path, keys)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from pipeline.data.gpu_decode import check_decoder, gpu_image_batches
 from pipeline.data.shards import image_loader, shard_keys
 from pipeline.io import atomic_write
 from pipeline.models.factory import LoadedModel, autocast
@@ -24,21 +25,32 @@ FAISS_INDEXES = ("flat_ip",)
 @torch.no_grad()
 def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str | Path, *, transform,
                   batch_size: int, device: str, precision: str, with_labels: bool = False,
-                  num_workers: int = 0, desc: str = "features"
+                  num_workers: int = 0, desc: str = "features", decode: str = "cpu",
+                  preprocess: dict | None = None
                   ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Run ``encode`` (images -> features) over every image of ``shard_dir``.
 
     Returns keys, L2-normalised float features [N, D] on the CPU, and the labels when ``with_labels``
     (otherwise ``None``: the loader then never reads them), in manifest key order for any ``num_workers``
     (workers interleave batches; readers of the cache check its keys against the manifest's).
+
+    ``decode="gpu"`` decodes and transforms the JPEGs on ``device`` (:mod:`pipeline.data.gpu_decode`)
+    from the model's ``preprocess`` config instead of running ``transform`` in loader workers; no labels.
     """
+    check_decoder(decode, device)
     keys: list[str] = []
     feats, labels = [], []
-    loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
-                          with_labels=with_labels, num_workers=num_workers)
+    if decode == "gpu":
+        if with_labels or preprocess is None:
+            raise ValueError("encode_shards: decode='gpu' needs the model's preprocess config and reads no labels")
+        loader = gpu_image_batches(shard_dir, preprocess=preprocess, batch_size=batch_size, device=device)
+    else:
+        loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
+                              with_labels=with_labels, num_workers=num_workers)
     for batch in progress(loader, desc=desc, unit="batch", leave=False):
         with autocast(precision, device):
-            out = encode(batch[1].to(device))
+            # non_blocking: the next batch is read while this copy runs (a no-op on the CPU or when on device)
+            out = encode(batch[1].to(device, non_blocking=True))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
         keys.extend(batch[0])
         if with_labels:
