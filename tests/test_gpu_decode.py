@@ -49,3 +49,14 @@ def test_gpu_decode_is_refused_without_cuda_and_unknown_decoders(digits_shards):
                       precision="fp32", decode="gpu", preprocess={"size": 32})
     with pytest.raises(ValueError, match="bicubic"):
         eval_geometry({"size": 224, "mean": (0, 0, 0), "std": (1, 1, 1), "interpolation": "bilinear"})
+
+
+def test_encode_images_passes_the_decoder_through(digits_shards):
+    from pipeline.features.cache import encode_images
+    from pipeline.models.factory import ModelSpec, load_model
+
+    model = load_model(ModelSpec(name="digits-vit-teacher", pretrained="random"))
+    keys, _ = encode_images(model, digits_shards["mnist"], batch_size=16, device="cpu", decode="cpu")
+    assert keys == read_manifest(digits_shards["mnist"])["keys"]
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        encode_images(model, digits_shards["mnist"], batch_size=16, device="cpu", decode="gpu")

@@ -57,18 +57,25 @@ def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str
             labels.append(batch[2])
     # The loader checked every shard against the manifest, so this is a permutation.
     expected = shard_keys(shard_dir)
+    feats = torch.cat(feats)
+    labels = torch.cat(labels) if with_labels else None
+    if keys == expected:  # one reader (no workers, or GPU decode): already in order, no second copy of N x D
+        return expected, feats, labels
     position = {key: i for i, key in enumerate(keys)}
     order = torch.tensor([position[key] for key in expected], dtype=torch.long)
-    return expected, torch.cat(feats)[order], (torch.cat(labels)[order] if with_labels else None)
+    return expected, feats[order], (labels[order] if with_labels else None)
 
 
 def encode_images(model: LoadedModel, shard_dir: str | Path, *, batch_size: int, device: str,
-                  num_workers: int = 0, desc: str = "features") -> tuple[list[str], np.ndarray]:
-    """Keys (shard order) and L2-normalised image features [N, D] of every image; no labels are read."""
+                  num_workers: int = 0, desc: str = "features", decode: str = "cpu"
+                  ) -> tuple[list[str], np.ndarray]:
+    """Keys (shard order) and L2-normalised image features [N, D] of every image; no labels are read.
+    ``decode="gpu"`` decodes the JPEGs on ``device`` (:mod:`pipeline.data.gpu_decode`)."""
     model.model.to(device)
     keys, feats, _ = encode_shards(model.model.encode_image, shard_dir, transform=model.preprocess,
                                    batch_size=batch_size, device=device, precision=model.spec.precision,
-                                   num_workers=num_workers, desc=desc)
+                                   num_workers=num_workers, desc=desc, decode=decode,
+                                   preprocess=model.identity["preprocess"])
     return keys, feats.numpy().astype(np.float32)
 
 
