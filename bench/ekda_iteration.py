@@ -25,7 +25,8 @@ from pipeline.losses import LOSS_DEFAULTS, build_distill_loss
 from pipeline.methods.ekda import student_loss, teacher_loss
 from pipeline.methods.training import update
 from pipeline.models.factory import ModelSpec, autocast, load_model
-from pipeline.models.prompted import PromptedStudent, PromptedTeacher
+from pipeline.models.prompted import PromptedStudent
+from pipeline.models.teacher_prompts import PromptedTeacher
 
 EKDA = {"ce_weight": 1.0, "align_weight": 1.0}
 SCL = {"text_weight": 25.0, "image_weight": 10.0, "kl_weight": 1.0}

@@ -19,6 +19,7 @@ import yaml
 from pipeline.data.benchmarks import GENERIC_FORMATS, HEADLINES, SPLITS, benchmarks, external_formats
 from pipeline.data.classlists import available_classlists
 from pipeline.data.digits import DOMAINS as DIGITS_DOMAINS
+from pipeline.data.gpu_decode import DECODERS
 from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import FAISS_INDEXES
 from pipeline.methods import METHODS
@@ -94,7 +95,8 @@ SCHEMA: dict[str, Any] = {
     "evaluate": {"batch_size": integer(1)},
     "runtime": {"device": text(DEVICE_POLICIES), "num_workers": integer(0, words=("auto",)), "retries": integer(0),
                 "retry_delay_s": number(0.0), "deterministic": boolean(),
-                "executor": text(EXECUTORS, default="local"), "dask_address": text(nullable=True, default=None)},
+                "executor": text(EXECUTORS, default="local"), "dask_address": text(nullable=True, default=None),
+                "decode": text(DECODERS, default="cpu")},
 }
 
 

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
             check_store_size([shard_dir(params, *pair)], teacher.identity["preprocess"], role="teacher",
                              name=spec.name)
             keys, feats = encode_images(teacher, shard_dir(params, *pair), batch_size=ft["batch_size"],
-                                        device=device, num_workers=rt["num_workers"], desc=f"features {name}")
+                                        device=device, num_workers=rt["num_workers"], desc=f"features {name}",
+                                        decode=rt["decode"])
             out = cache.domain(*pair)
             atomic_save_npy(out.features_path, feats)
             atomic_write_json(out.keys_path, keys)
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                                                   transform=model.preprocess, batch_size=ft["batch_size"],
                                                   device=device, precision=precision,
                                                   num_workers=rt["num_workers"], desc=f"prompted features {side}",
-                                                  decode_size=needed_side(model.identity["preprocess"]))
+                                                  decode_size=needed_side(model.identity["preprocess"]),
+                                                  decode=rt["decode"], preprocess=model.identity["preprocess"])
                     feats = encoded.numpy().astype(np.float32)
                     if side == "target":
                         atomic_save_npy(out.target_features, feats)

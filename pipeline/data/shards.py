@@ -18,6 +18,7 @@ splitting) for the conventions followed here.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -38,6 +39,7 @@ from PIL import Image
 from pipeline.data.folders import list_class_tree
 from pipeline.data.sharding import sample_key, write_shards
 from pipeline.data.seeding import seeded_call, view_seed
+from pipeline.data.tar_reader import TarFormatError, tar_samples
 from pipeline.io import read_json
 
 log = logging.getLogger(__name__)
@@ -132,40 +134,38 @@ def checked_keys(items: Iterable[T], *, shard: Path, expected: list[str], key: C
                                   f"{len(expected)} (truncated?); {REPAIR.format(dir=shard.parent)}")
 
 
-def _cls_members(tar) -> Iterator[tuple[str, int]]:
-    for member in tar:
-        if member.isfile() and member.name.endswith(".cls"):
-            yield member.name[: -len(".cls")], int(tar.extractfile(member).read())
+@contextlib.contextmanager
+def readable_shard(path: Path):
+    """Report a shard that is not a plain ustar archive (:class:`TarFormatError`) as a damaged shard."""
+    try:
+        yield
+    except TarFormatError as exc:
+        raise ShardIntegrityError(f"{exc}; {REPAIR.format(dir=Path(path).parent)}") from None
 
 
 def read_labels(shard_dir: Path) -> tuple[list[str], np.ndarray]:
     """Keys and int labels in shard order, read from the ``.cls`` tar members (no image decoding) and
     checked against the manifest (:func:`checked_keys`)."""
-    import tarfile
-
     shard_dir = Path(shard_dir)
     keys: list[str] = []
     labels: list[int] = []
     for shard, expected in shard_plan(shard_dir).items():
-        with tarfile.open(shard_dir / shard, "r:") as tar:
-            for key, label in checked_keys(_cls_members(tar), shard=shard_dir / shard, expected=expected,
-                                           key=itemgetter(0)):
-                keys.append(key)
-                labels.append(label)
+        with readable_shard(shard_dir / shard):
+            for sample in checked_keys(tar_samples(shard_dir / shard, (".cls",)), shard=shard_dir / shard,
+                                       expected=expected, key=itemgetter("__key__")):
+                keys.append(sample["__key__"])
+                labels.append(int(sample["cls"]))
     return keys, np.asarray(labels, dtype=np.int64)
-
-
-def _keep_member(fname: str, *, suffixes: tuple[str, ...]) -> bool:
-    return fname.endswith(suffixes)
 
 
 def _checked_samples(shards, *, plan: dict[str, list[str]], suffixes: tuple[str, ...]):
     # One shard at a time, after the worker split and before shuffling, so every worker checks whole
     # shards (also one it reads nothing from) in their written order.
     for shard in shards:
-        samples = wds.tarfile_samples([shard], select_files=partial(_keep_member, suffixes=suffixes))
         path = Path(shard["url"])
-        yield from checked_keys(samples, shard=path, expected=plan[path.name], key=itemgetter("__key__"))
+        with readable_shard(path):
+            yield from checked_keys(tar_samples(path, suffixes), shard=path, expected=plan[path.name],
+                                    key=itemgetter("__key__"))
 
 
 def _seeded_shuffle(src, *, seed: int, epoch: int, bufsize: int):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from pipeline.data.gpu_decode import check_decoder, gpu_image_batches
 from pipeline.data.shards import image_loader, shard_keys
 from pipeline.data.transforms import needed_side
 from pipeline.io import atomic_write
@@ -25,7 +26,8 @@ FAISS_INDEXES = ("flat_ip",)
 @torch.no_grad()
 def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str | Path, *, transform,
                   batch_size: int, device: str, precision: str, with_labels: bool = False,
-                  num_workers: int | str = 0, desc: str = "features", decode_size: int | None = None
+                  num_workers: int | str = 0, desc: str = "features", decode_size: int | None = None,
+                  decode: str = "cpu", preprocess: dict | None = None
                   ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Run ``encode`` (images -> features) over every image of ``shard_dir``.
 
@@ -33,34 +35,51 @@ def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str
     (otherwise ``None``: the loader then never reads them), in manifest key order for any ``num_workers``
     (workers interleave batches; readers of the cache check its keys against the manifest's).
     ``decode_size``: the shorter side ``transform`` needs (reduced-scale JPEG decoding, see ``image_loader``).
+
+    ``decode="gpu"`` decodes and transforms the JPEGs on ``device`` (:mod:`pipeline.data.gpu_decode`)
+    from the model's ``preprocess`` config instead of running ``transform`` in loader workers; no labels.
     """
+    check_decoder(decode, device)
     keys: list[str] = []
     feats, labels = [], []
-    loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
-                          with_labels=with_labels, num_workers=num_workers, decode_size=decode_size,
-                          device=device)
+    if decode == "gpu":
+        if with_labels or preprocess is None:
+            raise ValueError("encode_shards: decode='gpu' needs the model's preprocess config and reads no labels")
+        loader = gpu_image_batches(shard_dir, preprocess=preprocess, batch_size=batch_size, device=device)
+    else:
+        loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
+                              with_labels=with_labels, num_workers=num_workers, decode_size=decode_size,
+                              device=device)
     for batch in progress(loader, desc=desc, unit="batch", leave=False):
         with autocast(precision, device):
-            out = encode(batch[1].to(device))
+            # non_blocking: the next batch is read while this copy runs (a no-op on the CPU or when on device)
+            out = encode(batch[1].to(device, non_blocking=True))
         feats.append(F.normalize(out.float(), dim=-1).cpu())
         keys.extend(batch[0])
         if with_labels:
             labels.append(batch[2])
     # The loader checked every shard against the manifest, so this is a permutation.
     expected = shard_keys(shard_dir)
+    feats = torch.cat(feats)
+    labels = torch.cat(labels) if with_labels else None
+    if keys == expected:  # one reader (no workers, or GPU decode): already in order, no second copy of N x D
+        return expected, feats, labels
     position = {key: i for i, key in enumerate(keys)}
     order = torch.tensor([position[key] for key in expected], dtype=torch.long)
-    return expected, torch.cat(feats)[order], (torch.cat(labels)[order] if with_labels else None)
+    return expected, feats[order], (labels[order] if with_labels else None)
 
 
 def encode_images(model: LoadedModel, shard_dir: str | Path, *, batch_size: int, device: str,
-                  num_workers: int | str = 0, desc: str = "features") -> tuple[list[str], np.ndarray]:
-    """Keys (shard order) and L2-normalised image features [N, D] of every image; no labels are read."""
+                  num_workers: int | str = 0, desc: str = "features", decode: str = "cpu"
+                  ) -> tuple[list[str], np.ndarray]:
+    """Keys (shard order) and L2-normalised image features [N, D] of every image; no labels are read.
+    ``decode="gpu"`` decodes the JPEGs on ``device`` (:mod:`pipeline.data.gpu_decode`)."""
     model.model.to(device)
+    preprocess = model.identity["preprocess"]
     keys, feats, _ = encode_shards(model.model.encode_image, shard_dir, transform=model.preprocess,
                                    batch_size=batch_size, device=device, precision=model.spec.precision,
-                                   num_workers=num_workers, desc=desc,
-                                   decode_size=needed_side(model.identity["preprocess"]))
+                                   num_workers=num_workers, desc=desc, decode_size=needed_side(preprocess),
+                                   decode=decode, preprocess=preprocess)
     return keys, feats.numpy().astype(np.float32)
 
 
