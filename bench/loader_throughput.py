@@ -8,10 +8,11 @@ full passes of (a) ``image_loader`` over the shards and (b) a DataLoader over ``
 (page cache, CPU clocks) hits both alike. Prints one JSON object (medians) to stdout.
 
 ``--realistic``: photo-like JPEGs at Office-Home-like sizes (300-1500 px a side), cut and resized from the
-photos scikit-learn ships (:func:`sklearn.datasets.load_sample_images`), through open_clip's ViT-B/16 eval
-transform (224 px), with 0 and 1 loader workers: (a) the image-folder loader, (b) raw-byte shards, (c)
-shards stored with ``store_max_side`` (default 288) read with reduced-scale JPEG decoding, plus raw shards
-with reduced-scale decoding alone. Also reports bytes on disk and shard-writing time; writes the JSON to
+photos scikit-learn ships (:func:`sklearn.datasets.load_sample_images`), to ViT-B/16's 224-px eval input,
+with 0 and 1 loader workers: (a) the image-folder loader and (b) raw-byte shards, both with open_clip's own
+eval transform (what a user of ``create_model_and_transforms`` has); (c) shards stored with
+``store_max_side`` (default 288) read the pipeline's way (reduced-scale JPEG decoding and
+:class:`pipeline.data.transforms.EvalTransform`), plus (b2) raw shards read the pipeline's way. Also reports bytes on disk and shard-writing time; writes the JSON to
 ``bench/results/loader_throughput_realistic.json``.
 """
 from __future__ import annotations
@@ -105,7 +106,8 @@ def realistic(args) -> dict:
     from pipeline.data.sharding import JPEG_QUALITY
     from pipeline.data.transforms import eval_transform, needed_side
 
-    transform = eval_transform(VIT_B16_PREPROCESS)
+    transform = eval_transform(VIT_B16_PREPROCESS)  # the pipeline's (EvalTransform)
+    reference = transform.reference  # open_clip's own, what create_model_and_transforms returns
     need = needed_side(VIT_B16_PREPROCESS)
     rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="loader-bench-real-") as tmp:
@@ -121,17 +123,17 @@ def realistic(args) -> dict:
                                      maxcount=args.maxcount, seed=0, workers=1,
                                      store_max_side=args.store_max_side)
         stored_write_s = time.perf_counter() - start
-        folder = folder_dataset(image_dir, classes=CLASSES, transform=transform)
+        folder = folder_dataset(image_dir, classes=CLASSES, transform=reference)
 
         def loaders(workers: int):
-            common = dict(transform=transform, batch_size=args.batch_size, shuffle=True, with_labels=True,
-                          num_workers=workers)
+            common = dict(batch_size=args.batch_size, shuffle=True, with_labels=True, num_workers=workers)
             yield "a_folder", torch.utils.data.DataLoader(
                 folder, batch_size=args.batch_size, shuffle=True, num_workers=workers,
                 multiprocessing_context="forkserver" if workers else None)
-            yield "b_raw_shards", image_loader(raw_dir, **common)
-            yield "b2_raw_shards_draft", image_loader(raw_dir, decode_size=need, **common)
-            yield f"c_stored{args.store_max_side}_shards_draft", image_loader(stored_dir, decode_size=need, **common)
+            yield "b_raw_shards", image_loader(raw_dir, transform=reference, **common)
+            yield "b2_raw_shards_draft", image_loader(raw_dir, transform=transform, decode_size=need, **common)
+            yield f"c_stored{args.store_max_side}_shards_draft", image_loader(stored_dir, transform=transform,
+                                                                             decode_size=need, **common)
 
         for _ in range(args.repeats):
             for workers in (0, 1):
@@ -143,7 +145,8 @@ def realistic(args) -> dict:
     med = {k: round(statistics.median(v), 1) for k, v in rates.items()}
     stored_key = f"c_stored{args.store_max_side}_shards_draft"
     return {"mode": "realistic", "images": args.images, "batch_size": args.batch_size, "repeats": args.repeats,
-            "transform": "open_clip ViT-B-16 eval (224, bicubic, shortest side, centre crop)",
+            "transform": "open_clip ViT-B-16 eval (224, bicubic, shortest side, centre crop): open_clip's own for "
+                         "a and b, the pipeline's EvalTransform (crop-box resize, fused normalise) for b2 and c",
             "source_shorter_side_px": {"min": min(sides), "median": int(statistics.median(sides)),
                                        "max": max(sides)},
             "store_max_side": args.store_max_side, "jpeg_quality": JPEG_QUALITY, "decode_size": need,

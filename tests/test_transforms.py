@@ -98,6 +98,44 @@ def test_none_is_the_model_preprocess(teacher, cfg32, digits_shards):
                        teacher.preprocess(images[-1]))
 
 
+@pytest.mark.parametrize("hw", [(224, 224), (224, 300), (371, 224), (150, 200), (1200, 900), (333, 517)])
+def test_eval_transform_matches_open_clip(hw):
+    """The pipeline's eval transform (crop-box resize, fused normalise) against open_clip's own: bit-identical
+    where no resize is needed (shorter side already the input size), within resampling rounding otherwise."""
+    from pipeline.data.transforms import EvalTransform, eval_transform
+
+    fast = eval_transform(CFG_224)
+    assert isinstance(fast, EvalTransform)
+    img = _photo(*hw, seed=sum(hw))
+    got, expected = fast(img), fast.reference(img)
+    assert got.shape == expected.shape == (3, 224, 224) and got.dtype == torch.float32
+    if min(hw) == 224:
+        assert torch.equal(got, expected)
+    else:
+        diff = (got - expected).abs()
+        assert float(diff.mean()) < 2e-3 and float(diff.max()) < 0.2
+    grey = img.convert("L")  # not RGB: open_clip's own transform, exactly
+    assert torch.equal(fast(grey), fast.reference(grey))
+
+
+def test_eval_transform_falls_back_where_it_does_not_mirror_open_clip():
+    from pipeline.data.transforms import EvalTransform, eval_transform
+
+    assert not isinstance(eval_transform(CFG_WIDE), EvalTransform)  # non-square input
+    assert not isinstance(eval_transform({**CFG_224, "resize_mode": "squash"}), EvalTransform)
+    squash = eval_transform({**CFG_224, "resize_mode": "squash"})
+    assert squash(_photo()).shape == (3, 224, 224)
+
+
+def test_loaded_models_use_it_and_digits_stay_bit_identical(teacher, digits_shards):
+    from pipeline.data.transforms import EvalTransform
+
+    assert isinstance(teacher.preprocess, EvalTransform)
+    _, _, reference = open_clip.create_model_and_transforms("digits-vit-teacher")
+    for img in _shard_images(digits_shards["mnist"], 6) + [Image.new("RGB", (28, 28), (9, 80, 200))]:
+        assert torch.equal(teacher.preprocess(img), reference(img))
+
+
 def test_original_numbers_at_224():
     """At 224 px the CMKD views use the original's numbers exactly (Wenlve-Zhou/VLP-UDA)."""
     def steps(transform):

@@ -26,6 +26,7 @@ import open_clip
 import torch
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
+from pipeline.data.transforms import eval_transform
 from pipeline.io import atomic_dir, follow_umask
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -165,11 +166,11 @@ def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu") -> Loaded
     weights = check_weights_available(spec)
     try:
         if spec.is_local_dir:
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, device=device)
+            model = open_clip.create_model(spec.name, device=device)
         else:
             pretrained = None if spec.pretrained == "random" else spec.pretrained
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.name, pretrained=pretrained, device=device, cache_dir=spec.cache_dir)
+            model = open_clip.create_model(spec.name, pretrained=pretrained, device=device,
+                                           cache_dir=spec.cache_dir)
     except Exception as exc:
         # A damaged or mismatched weights file: torch raises RuntimeError/EOFError, safetensors its own
         # SafetensorError (a plain Exception, matched by name so safetensors need not be imported here).
@@ -183,7 +184,8 @@ def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu") -> Loaded
                                 ) from None
     model.eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.name)
-    return LoadedModel(model=model, preprocess=preprocess, tokenizer=tokenizer,
+    # open_clip's eval transform from the model's own preprocess config, run by the pipeline's faster equivalent
+    return LoadedModel(model=model, preprocess=eval_transform(preprocess_config(model)), tokenizer=tokenizer,
                        identity=model_identity(spec, model), spec=spec)
 
 
