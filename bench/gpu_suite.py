@@ -37,7 +37,7 @@ from pipeline.models.factory import ModelSpec, load_model
 # Forward GFLOP per image at 224 px (open_clip's profile): the FLOP bound of the caching rate.
 GFLOP = {"ViT-B-16-quickgelu": 17.6, "ViT-B-16": 17.6, "ViT-L-14-quickgelu": 81.1, "ViT-L-14": 81.1}
 FULL = {"teachers": ["ViT-B-16-quickgelu", "ViT-L-14-quickgelu"], "student": "ViT-B-16-quickgelu",
-        "images": 2048, "image_size": 400, "store_max_side": 288, "batch_size": 128, "faiss_n": 100_000,
+        "images": 2048, "image_size": 400, "store_max_side": 256, "batch_size": 128, "faiss_n": 100_000,
         "faiss_dim": 768, "repeats": 3}
 TINY = {"teachers": ["digits-vit-teacher"], "student": "digits-vit-student", "images": 128, "image_size": 48,
         "store_max_side": 40, "batch_size": 32, "faiss_n": 4000, "faiss_dim": 64, "repeats": 1}
@@ -45,7 +45,7 @@ TINY = {"teachers": ["digits-vit-teacher"], "student": "digits-vit-student", "im
 
 def photo_shards(root: Path, n: int, size: int, store_max_side: int | None) -> Path:
     """``n`` photo-like JPEGs (gradients + noise) of ``size`` px written as shards by the real writer,
-    stored at ``store_max_side`` as the benchmark configs do."""
+    stored at ``store_max_side`` as the benchmark configs do (256)."""
     make_tree(root / "raw", n, size)
     write_domain_shards(root / "raw", root / "shards", dataset="bench", domain="photos", classes=CLASSES,
                         maxcount=500, seed=0, store_max_side=store_max_side)
