@@ -72,7 +72,7 @@ def test_png_members_are_decoded_beside_the_jpegs_in_order(monkeypatch):
     from pipeline.data.gpu_decode import decode_jpegs
 
     def pil(t):
-        return torch.from_numpy(np.asarray(Image.open(io.BytesIO(t.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(Image.open(io.BytesIO(t.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1)
 
     calls = []
     monkeypatch.setattr(torchvision.io, "decode_jpeg",

@@ -25,7 +25,7 @@ Resize((256, 256)) and RandomResizedCrop) needs the shorter side, never the long
 Resized images are re-encoded as JPEG at ``JPEG_QUALITY`` (PNG sources stay PNG: lossless); images already
 at or below ``s`` keep their raw bytes. The result is a pure function of the bytes, so shards stay
 byte-identical for any worker count. The manifest records ``store_max_side`` and ``jpeg_quality``; readers
-check them against each model's input size (:func:`pipeline.data.shards.check_store_size`).
+check them against each model's input size (:func:`pipeline.data.transforms.check_store_size`).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Layout (one folder per domain; written by :mod:`pipeline.data.sharding`)::
 
-    <out_dir>/<split>-000000.tar ...   samples: <key>.cls, <key>.jpg (raw file bytes), <key>.json
+    <out_dir>/<split>-000000.tar ...   samples: <key>.cls, <key>.jpg (raw or down-sized bytes), <key>.json
     <out_dir>/sizes.json               {shard basename: n}, as open_clip reads it
     <out_dir>/manifest.json            classes (label order), counts, shards and keys in shard order,
                                        skipped files with the reason, per shard its count and sha256
@@ -10,7 +10,8 @@ Layout (one folder per domain; written by :mod:`pipeline.data.sharding`)::
 Every reader checks what it reads against the manifest while it reads (:func:`checked_keys`): each shard
 must hold exactly the manifest's keys of that shard, in order. A truncated shard, an appended sample or a
 replaced key stops the run with a :class:`ShardIntegrityError` instead of quietly training or scoring on
-other data.
+other data. The tars are read by :mod:`pipeline.data.tar_reader` (webdataset's pipeline stages do the
+rest: worker split, shuffle, decode, batching).
 
 Labels always come from the caller's class list, never from a sort order. See
 the webdataset FAQ (``webdataset/webdataset``, shuffle before decode, explicit ``shardshuffle``, worker
