@@ -203,7 +203,6 @@ def strong_transform(preprocess_cfg: Mapping[str, Any], *, visda: bool = False) 
     ])
 
 
-
 # ----------------------------------------------------------------------------------- stored image size
 
 
