@@ -22,7 +22,6 @@ import torch
 
 from bench.timing import median_times
 from pipeline.data.shards import shard_keys
-from pipeline.data.transforms import needed_side
 from pipeline.features.cache import encode_shards
 from pipeline.models.factory import LoadedModel, ModelSpec, autocast, load_model
 
@@ -51,8 +50,7 @@ def caching_rates(model: LoadedModel, shard_dir: Path, *, batch_size: int, devic
     def stage():
         encode_shards(model.model.encode_image, shard_dir, transform=model.preprocess, batch_size=batch_size,
                       device=device, precision=precision, num_workers=num_workers, decode=decode,
-                      preprocess=model.identity["preprocess"],
-                      decode_size=needed_side(model.identity["preprocess"]))  # as the features stage reads
+                      preprocess=model.identity["preprocess"])
 
     @torch.no_grad()
     def model_only():  # the same number of images and batches as the stage, no input pipeline

@@ -20,7 +20,7 @@ from pipeline.command import entry
 from pipeline.config import task_domains
 from pipeline.data.classlists import prompt_name
 from pipeline.data.shards import shard_keys
-from pipeline.data.transforms import check_store_size, needed_side
+from pipeline.data.transforms import check_store_size
 from pipeline.features.cache import (build_index, conditional_logits, encode_images, encode_shards, logits,
                                      mean_conditioned_vectors, prompted_vectors, save_index, zero_shot_vectors)
 from pipeline.io import atomic_dir, atomic_save_npy, atomic_write_json, load_checkpoint
@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> None:
                                                   transform=model.preprocess, batch_size=ft["batch_size"],
                                                   device=device, precision=precision,
                                                   num_workers=rt["num_workers"], desc=f"prompted features {side}",
-                                                  decode_size=needed_side(model.identity["preprocess"]),
                                                   decode=rt["decode"], preprocess=model.identity["preprocess"])
                     feats = encoded.numpy().astype(np.float32)
                     if side == "target":

@@ -105,3 +105,20 @@ def test_params_accept_auto_workers():
     field = integer(0, words=("auto",))
     assert field.check("auto") is None and field.check(4) is None
     assert field.check("many") == "expected an integer >= 0 or 'auto'"
+
+
+def test_eval_passes_decode_at_the_size_the_transform_needs(tmp_path, monkeypatch):
+    """encode_shards (features, predict) asks the transform for its decode size: the same tensors as a loader
+    given that size by hand, and other tensors than a full decode."""
+    from pipeline.features import cache
+
+    write_domain_shards(_photo_tree(tmp_path / "tree"), tmp_path / "out", dataset="t", domain="d",
+                        classes=["apple", "mango"], maxcount=2, seed=0)
+    transform = eval_transform({**CFG, "size": 64})
+    keys, feats, _ = cache.encode_shards(lambda x: x.flatten(1), tmp_path / "out", transform=transform,
+                                         batch_size=2, device="cpu", precision="fp32")
+    kw = dict(transform=transform, batch_size=2, shuffle=False, with_labels=True)
+    for decode_size, same in ((64, True), (None, False)):
+        by_key = _by_key(image_loader(tmp_path / "out", decode_size=decode_size, **kw))
+        expected = torch.nn.functional.normalize(torch.stack([by_key[k].flatten() for k in keys]), dim=-1)
+        assert torch.equal(feats, expected) == same

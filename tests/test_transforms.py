@@ -121,6 +121,10 @@ def test_eval_transform_matches_open_clip(hw):
 def test_eval_transform_falls_back_where_it_does_not_mirror_open_clip():
     from pipeline.data.transforms import EvalTransform, eval_transform
 
+    from pipeline.data.transforms import decode_size_of
+
+    assert decode_size_of(eval_transform(CFG_224)) == 224  # loaders decode large JPEGs down to this side
+    assert decode_size_of(eval_transform(CFG_WIDE)) is None  # open_clip's own: decoded in full
     assert not isinstance(eval_transform(CFG_WIDE), EvalTransform)  # non-square input
     assert not isinstance(eval_transform({**CFG_224, "resize_mode": "squash"}), EvalTransform)
     squash = eval_transform({**CFG_224, "resize_mode": "squash"})

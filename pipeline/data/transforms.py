@@ -97,6 +97,12 @@ def eval_transform(preprocess_cfg: Mapping[str, Any]) -> Callable:
     return reference
 
 
+def decode_size_of(transform: Callable) -> int | None:
+    """The shorter side an eval transform needs (:attr:`EvalTransform.decode_size`), or ``None`` (decode
+    in full) for a transform that does not say: what loaders pass as ``decode_size`` for eval passes."""
+    return getattr(transform, "decode_size", None)
+
+
 class EvalTransform:
     """open_clip's default eval transform (shorter side to ``size``, centre crop, to tensor, normalise) in
     fewer passes over the pixels, for the loaders that feed the features stage and every evaluation.
@@ -115,6 +121,11 @@ class EvalTransform:
         self.size, self.resample, self.reference = size, self.RESAMPLE[interpolation], reference
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @property
+    def decode_size(self) -> int:
+        """The shorter side this transform needs: loaders decode large JPEGs at a reduced scale down to it."""
+        return self.size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if img.mode != "RGB":

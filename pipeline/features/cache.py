@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from pipeline.data.gpu_decode import check_decoder, gpu_image_batches
 from pipeline.data.shards import image_loader, shard_keys
-from pipeline.data.transforms import needed_side
+from pipeline.data.transforms import decode_size_of
 from pipeline.io import atomic_write
 from pipeline.models.factory import LoadedModel, autocast
 from pipeline.models.teacher_prompts import PromptedTeacher
@@ -26,15 +26,16 @@ FAISS_INDEXES = ("flat_ip",)
 @torch.no_grad()
 def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str | Path, *, transform,
                   batch_size: int, device: str, precision: str, with_labels: bool = False,
-                  num_workers: int | str = 0, desc: str = "features", decode_size: int | None = None,
-                  decode: str = "cpu", preprocess: dict | None = None
+                  num_workers: int | str = 0, desc: str = "features", decode: str = "cpu",
+                  preprocess: dict | None = None
                   ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Run ``encode`` (images -> features) over every image of ``shard_dir``.
 
     Returns keys, L2-normalised float features [N, D] on the CPU, and the labels when ``with_labels``
     (otherwise ``None``: the loader then never reads them), in manifest key order for any ``num_workers``
     (workers interleave batches; readers of the cache check its keys against the manifest's).
-    ``decode_size``: the shorter side ``transform`` needs (reduced-scale JPEG decoding, see ``image_loader``).
+    Large JPEGs are decoded at a reduced scale down to the shorter side ``transform`` needs, when it says
+    (:func:`pipeline.data.transforms.decode_size_of`; see ``image_loader``).
 
     ``decode="gpu"`` decodes and transforms the JPEGs on ``device`` (:mod:`pipeline.data.gpu_decode`)
     from the model's ``preprocess`` config instead of running ``transform`` in loader workers; no labels.
@@ -48,7 +49,8 @@ def encode_shards(encode: Callable[[torch.Tensor], torch.Tensor], shard_dir: str
         loader = gpu_image_batches(shard_dir, preprocess=preprocess, batch_size=batch_size, device=device)
     else:
         loader = image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
-                              with_labels=with_labels, num_workers=num_workers, decode_size=decode_size,
+                              with_labels=with_labels, num_workers=num_workers,
+                              decode_size=decode_size_of(transform),
                               device=device)
     for batch in progress(loader, desc=desc, unit="batch", leave=False):
         with autocast(precision, device):
@@ -75,11 +77,10 @@ def encode_images(model: LoadedModel, shard_dir: str | Path, *, batch_size: int,
     """Keys (shard order) and L2-normalised image features [N, D] of every image; no labels are read.
     ``decode="gpu"`` decodes the JPEGs on ``device`` (:mod:`pipeline.data.gpu_decode`)."""
     model.model.to(device)
-    preprocess = model.identity["preprocess"]
     keys, feats, _ = encode_shards(model.model.encode_image, shard_dir, transform=model.preprocess,
                                    batch_size=batch_size, device=device, precision=model.spec.precision,
-                                   num_workers=num_workers, desc=desc, decode_size=needed_side(preprocess),
-                                   decode=decode, preprocess=preprocess)
+                                   num_workers=num_workers, desc=desc, decode=decode,
+                                   preprocess=model.identity["preprocess"])
     return keys, feats.numpy().astype(np.float32)
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.data.shards import image_loader
-from pipeline.data.transforms import TRAIN_TRANSFORMS, needed_side, strong_transform, train_transform
+from pipeline.data.transforms import (TRAIN_TRANSFORMS, decode_size_of, needed_side, strong_transform,
+                                      train_transform)
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
 from pipeline.methods.shared import EndlessBatches
@@ -278,14 +279,14 @@ DEFAULT_CFG = _loop_cfg(PARAMS.defaults())
 
 
 @torch.no_grad()
-def _predict(model: CmkdModel, shard_dir, *, transform, batch_size: int, device: str, num_workers: int,
-             decode_size: int | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+def _predict(model: CmkdModel, shard_dir, *, transform, batch_size: int, device: str, num_workers: int
+             ) -> tuple[list[str], dict[str, np.ndarray]]:
     """Keys and the arg-max of h, g and their probability mean over every target image (shard order, no labels)."""
     model.eval()
     keys, preds = [], {"head": [], "clip": [], "head_plus_clip": []}
     for batch_keys, images in image_loader(shard_dir, transform=transform, batch_size=batch_size, shuffle=False,
                                            with_labels=False, num_workers=num_workers,
-                                           decode_size=decode_size, device=device):
+                                           decode_size=decode_size_of(transform), device=device):
         f = model.features(images.to(device))
         h, g = model.head_logits(f), model.clip_logits(f)
         keys.extend(batch_keys)
@@ -331,7 +332,7 @@ def run(job: TaskJob) -> MethodResult:
                          t=it.t, cfg=cfg)
 
     predict_args = dict(transform=student.preprocess, batch_size=job.eval_batch_size, device=device,
-                        num_workers=workers, decode_size=needed_side(student.identity["preprocess"]))
+                        num_workers=workers)
     _, zero_shot = _predict(model, job.shard_dir("target"), **predict_args)  # before any update: the CLIP rows
 
     def predict() -> Prediction:

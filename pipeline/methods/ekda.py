@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.data.shards import image_loader
-from pipeline.data.transforms import TRAIN_TRANSFORMS, needed_side
+from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import encode_shards, logits, softmax_np
 from pipeline.losses import DistillLoss, build_distill_loss, loss_schema
 from pipeline.methods import param_counts
@@ -134,14 +134,12 @@ def train_ekda(*, teacher_model: LoadedModel, student_model: LoadedModel, classn
         text = final_class_vectors()
         keys, preds = predict_student(student, text, scale, loss, target_dir, transform=student_model.preprocess,
                                       batch_size=eval_batch_size, device=device, precision=s_prec,
-                                      num_workers=num_workers,
-                                      decode_size=needed_side(student_model.identity["preprocess"]))
+                                      num_workers=num_workers)
         # The reference is the teacher as it is now (it keeps learning), whose arg-max makes the student's
         # pseudo-labels (before any kNN refinement); one more teacher pass over the target per epoch.
         t_keys, g_t, _ = encode_shards(teacher.image_features, target_dir, transform=teacher_model.preprocess,
                                        batch_size=eval_batch_size, device=device, precision=t_prec,
-                                       num_workers=num_workers, desc="teacher predict",
-                                       decode_size=needed_side(teacher_model.identity["preprocess"]))
+                                       num_workers=num_workers, desc="teacher predict")
         if t_keys != keys:
             raise RuntimeError("ekda: teacher and student predictions came in a different image order")
         return Prediction(keys, preds, reference=(g_t.to(device) @ text.t()).argmax(1).cpu().numpy())

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipeline.data.shards import image_loader
-from pipeline.data.transforms import TRAIN_TRANSFORMS, needed_side
+from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import encode_shards, softmax_np, zero_shot_vectors
 from pipeline.methods import param_counts
 from pipeline.methods.base import Method, MethodResult, TaskJob
@@ -249,8 +249,7 @@ def _predict(job: TaskJob, model: PdaModel, scale: float) -> tuple[list[str], di
     base = job.models["teacher"]
     keys, feats, _ = encode_shards(model.prompts.image_features, job.shard_dir("target"), transform=base.preprocess,
                                    batch_size=job.eval_batch_size, device=job.device, precision=base.spec.precision,
-                                   num_workers=job.num_workers, desc="predict",
-                                   decode_size=needed_side(base.identity["preprocess"]))
+                                   num_workers=job.num_workers, desc="predict")
     text = model.prompts.class_vectors().float()
     z, zc = model.logits(feats.to(job.device), text, scale)
     return keys, {"pda": (z + job.block["inference_weight"] * zc).argmax(1).cpu().numpy(),

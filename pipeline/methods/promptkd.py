@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from pipeline.data.shards import image_loader
-from pipeline.data.transforms import needed_side
 from pipeline.data.transforms import TRAIN_TRANSFORMS
 from pipeline.features.cache import softmax_np
 from pipeline.losses import DistillLoss, build_distill_loss, loss_schema
@@ -63,7 +62,6 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            epochs=epochs)
     precision, transform = student_model.spec.precision, student_model.preprocess
-    decode_size = needed_side(student_model.identity["preprocess"])
 
     def batches(epoch: int):
         for keys, images in image_loader(shard_dir, batch_size=batch_size, shuffle=True, seed=seed, epoch=epoch,
@@ -91,7 +89,7 @@ def distill_promptkd(*, student_model: LoadedModel, class_vectors: np.ndarray, l
     def predict() -> Prediction:
         keys, preds = predict_student(student, W, logit_scale, loss, shard_dir, transform=transform,
                                       batch_size=eval_batch_size, device=device, precision=precision,
-                                      num_workers=num_workers, decode_size=decode_size)
+                                      num_workers=num_workers)
         # the teacher the student learns from: the arg-max of its (cached, maybe kNN-refined) KD targets
         return Prediction(keys, preds, reference=teacher_logits(keys).argmax(1).numpy())
 

@@ -67,13 +67,12 @@ def build_teacher(model: LoadedModel, classnames: list[str], architecture: dict[
 @torch.no_grad()
 def predict_student(student: PromptedStudent, class_vectors: torch.Tensor, logit_scale: float, loss,
                     shard_dir: Path, *, transform, batch_size: int, device: str, precision: str,
-                    num_workers: int = 0, decode_size: int | None = None) -> tuple[list[str], np.ndarray]:
+                    num_workers: int = 0) -> tuple[list[str], np.ndarray]:
     """Keys and predictions over ``shard_dir`` in shard order (no labels read), through the loss's inference rule."""
     student.eval()
     loss.eval()
     keys, feats, _ = encode_shards(student, shard_dir, transform=transform, batch_size=batch_size,
-                                   device=device, precision=precision, num_workers=num_workers, desc="predict",
-                                   decode_size=decode_size)
+                                   device=device, precision=precision, num_workers=num_workers, desc="predict")
     preds = []
     for chunk in torch.split(feats, 4096):
         chunk = chunk.to(device)

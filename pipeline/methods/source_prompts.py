@@ -21,7 +21,6 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.data.shards import image_loader
-from pipeline.data.transforms import needed_side
 from pipeline.features.cache import encode_shards
 from pipeline.losses.kd import kl_divergence
 from pipeline.methods.shared import build_teacher, train_views
@@ -107,8 +106,7 @@ def train_source_prompts(*, teacher_model: LoadedModel, classnames: list[str], s
     if cached:  # frozen image encoder, eval view: encode the source once
         _, feats, labels = encode_shards(model.encode_image, shard_dir, transform=teacher_model.preprocess,
                                          batch_size=batch_size, device=device, precision=precision,
-                                         with_labels=True, num_workers=num_workers, desc="source features",
-                                         decode_size=needed_side(teacher_model.identity["preprocess"]))
+                                         with_labels=True, num_workers=num_workers, desc="source features")
         feats, labels = feats.to(device), labels.to(device)
     trainable = teacher.trainable_parameters()
     optimizer, scheduler = sgd_with_cosine(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
